@@ -1,0 +1,55 @@
+# VALD: every target creates .venv on first use (stamp file), so `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+# make train [GPUS=N] [ACCELERATOR=cpu|gpu|auto] [NODES=M] [DATA=name] [DATA_ROOT=path] [EXPERIMENT=name] [ARGS="k=v ..."]
+GPUS ?= 0
+NODES ?= 1
+ACCELERATOR ?= $(if $(filter-out 0,$(GPUS)),gpu,cpu)
+DEVICES := $(if $(filter-out 0,$(GPUS)),$(GPUS),1)
+DDP := $(if $(or $(filter-out 0 1,$(GPUS)),$(filter-out 1,$(NODES))),1,)
+TRAIN_OVERRIDES = $(if $(DATA),data=$(DATA)) $(if $(DATA_ROOT),data.root=$(DATA_ROOT)) \
+	$(if $(EXPERIMENT),experiment=$(EXPERIMENT)) \
+	trainer.accelerator=$(ACCELERATOR) trainer.devices=$(DEVICES) trainer.num_nodes=$(NODES) \
+	$(if $(DDP),trainer.strategy=ddp) $(ARGS)
+
+.PHONY: lock install test test-slow demo train train-autoencoder train-classifier tensorboard bench clean
+
+$(STAMP): setup.cfg requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+train-autoencoder: $(STAMP)
+	$(PY) experiments/train_autoencoder.py $(TRAIN_OVERRIDES)
+
+train: $(STAMP)
+	$(PY) experiments/train.py $(TRAIN_OVERRIDES)
+
+demo: $(STAMP)
+	bash experiments/demo.sh
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1 --port $(or $(PORT),6006)
+
+clean:
+	rm -rf logs outputs .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+lock: $(STAMP)
+	(echo "# Every package of the environment, pinned: 'make install' resolves exactly this stack (regenerate with 'make lock')."; \
+	 $(PY) -m pip freeze --exclude-editable | grep -v "^vald") > requirements.lock

@@ -1,0 +1,79 @@
+"""What every VALD DataModule serves, so models, pipelines and scripts never care where images came from.
+
+A batch is a dict:
+    image  (B, 1, H, W) float32 in [-1, 1]
+    prompt list[str]                report-style text prompt, one per image
+    label  (B, K) float32           finding vector over ``finding_names`` (1 present, 0 absent)
+    mask   (B, 1, H, W) float32     ground-truth lesion mask in {0, 1}; all zeros when unknown
+    id     list[str]                stable identifier (file path relative to the root, or ``split-index``)
+Optional keys (present when the dataset has them): ``lung_mask`` (B, 1, H, W), ``has_mask`` (B,) bool.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class CXRDataModule(L.LightningDataModule):
+    """Shared loaders; subclasses build ``self.datasets[split]`` in ``setup`` and describe their findings."""
+
+    #: names of the entries of ``label``, in order
+    finding_names: tuple[str, ...] = ()
+    #: the canonical healthy prompt: the default target of a counterfactual
+    normal_prompt: str = "no acute cardiopulmonary abnormality"
+    #: side of the square images served
+    image_size: int = 64
+    #: True when training images change from epoch to epoch (then latents must not be cached)
+    has_random_augmentation: bool = False
+
+    def __init__(self, batch_size: int = 32, num_workers: int = 0, eval_batch_size: int | None = None):
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.datasets: dict[str, Dataset] = {}
+
+    def dataset(self, split: str) -> Dataset:
+        if split not in self.datasets:
+            self.setup("fit" if split in ("train", "val") else "test")
+        return self.datasets[split]
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int, sampler=None) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, batch_size=self.batch_size, sampler=self.train_sampler())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
+
+    def sample_prompts(self) -> list[str]:
+        """Prompts shown in the training sample grids: the normal prompt first, then one per finding."""
+        return [self.normal_prompt]
+
+    def train_sampler(self):
+        """Override for class-balanced sampling; ``None`` lets Lightning shard a shuffled loader under DDP."""
+        return None
+
+
+def to_model_range(image01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1], the range the VAE is trained on."""
+    return image01 * 2.0 - 1.0
+
+
+def to_unit_range(image: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] for display and metrics."""
+    return ((image + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -1,0 +1,295 @@
+"""Chest X-ray files of every kind as one grey channel, the albumentations pipeline, and the Dataset real data share.
+
+The public datasets mix 8-bit grey, 16-bit grey, RGB, RGBA and palette PNGs and 8-bit JPEGs of any size. Everything
+becomes float32 (H, W) in [0, 1], is resized by albumentations together with its masks, and is served in the batch
+contract of ``datamodules.base``. A file that cannot be decoded raises ``UnreadableImageError`` naming the path, so a
+scan can report it and a Dataset can replace it instead of killing a run hours in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import Dataset, get_worker_info
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call from a training job
+import albumentations as A  # noqa: E402
+
+from configs import CONFIG_DIR  # noqa: E402
+from datamodules.base import to_model_range  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+RESIZE_MODES = ("stretch", "letterbox")
+BAD_FILE_POLICIES = ("skip", "error")
+# 16-bit grey PNGs open as 'I;16*' (older Pillow: 'I'). PNG stores fewer significant bits scaled up to the full
+# 16-bit range (the sBIT chunk only records the original depth), so 65535 is the right divisor, never the image max.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L"); exact for grey-as-RGB
+_MAX_CONSECUTIVE_BAD_READS = 32
+
+
+class UnreadableImageError(OSError):
+    """``path`` could not be decoded; ``reason`` says why (missing, truncated, not an image, unsupported mode)."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def _is_sixteen_bit(im: Image.Image) -> bool:
+    return im.mode in _SIXTEEN_BIT_MODES or (im.mode == "I" and im.format == "PNG")
+
+
+def check_mode(im: Image.Image, path: str | Path) -> None:
+    """Reject pixel formats ``read_gray`` would have to guess the range of (float, 32-bit integer)."""
+    if im.mode in ("F", "I") and not _is_sixteen_bit(im):
+        raise UnreadableImageError(path, f"unsupported pixel mode {im.mode!r} ({im.format})")
+
+
+def _to_gray01(im: Image.Image) -> np.ndarray:
+    if _is_sixteen_bit(im):
+        return np.asarray(im, dtype=np.float32) / 65535.0
+    if im.mode == "L":
+        return np.asarray(im, dtype=np.float32) / 255.0
+    if im.mode == "LA":
+        return np.asarray(im.getchannel("L"), dtype=np.float32) / 255.0
+    if im.mode in ("P", "PA"):  # via RGBA: palette transparency would otherwise warn
+        im = im.convert("RGBA")
+    rgb = np.asarray(im.convert("RGB"), dtype=np.float32)  # RGBA/LA: alpha dropped; 48-bit RGB: Pillow keeps 8 bits
+    return rgb @ (_LUMA / 255.0)
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Decode ``path`` to float32 (H, W) in [0, 1]; any failure becomes ``UnreadableImageError`` with the path."""
+    try:
+        with Image.open(path) as im:
+            check_mode(im, path)
+            im.load()
+            return np.clip(_to_gray01(im), 0.0, 1.0)
+    except UnreadableImageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - corrupt files make decoders raise anything (OSError, SyntaxError, ...)
+        raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from err
+
+
+def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """A binary uint8 mask resized (nearest) to ``shape``: lung masks are stored at another resolution than images."""
+    mask = (read_gray(path) > 0.5).astype(np.uint8)
+    if mask.shape != shape:
+        mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return mask
+
+
+def check_header(path: str | Path) -> None:
+    """Cheap validity check without decoding pixels: the header parses, the mode is supported, the file is complete.
+
+    Completeness is read from the last kilobyte: a PNG ends with its IEND chunk and a JPEG with the end-of-image
+    marker, so a truncated download is caught at the cost of one short read.
+    """
+    try:
+        with Image.open(path) as im:
+            check_mode(im, path)
+            fmt = im.format
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.path.getsize(path) - 1024))
+            tail = fh.read()
+    except UnreadableImageError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from err
+    if fmt == "PNG" and b"IEND" not in tail:
+        raise UnreadableImageError(path, "truncated PNG (no IEND chunk at the end of the file)")
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        raise UnreadableImageError(path, "truncated JPEG (no end-of-image marker at the end of the file)")
+
+
+def _augmentation(spec: Mapping) -> A.BasicTransform:
+    kwargs = dict(spec)
+    name = kwargs.pop("name", None)
+    cls = getattr(A, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        raise ValueError(f"augmentation {spec!r}: 'name' must be an albumentations transform (e.g. Affine)")
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:  # albumentations 2 only warns; a typo in a config must not silently disable an augmentation
+        raise ValueError(f"augmentation {name}: unknown argument(s) {unknown}; valid: {sorted(params)}")
+    if name == "HorizontalFlip":
+        log.warning("HorizontalFlip moves the heart to the right side of the chest: an anatomically wrong image")
+    return cls(**kwargs)
+
+
+def build_transform(
+    image_size: int | Sequence[int],
+    resize: str = "stretch",
+    augmentations: Sequence[Mapping] | None = None,
+    seed: int | None = None,
+) -> A.Compose:
+    """Resize to ``image_size`` (int or [H, W]) then augment; masks passed as ``masks=`` follow the image.
+
+    ``stretch`` resizes to exactly H x W; ``letterbox`` keeps the aspect ratio and pads with black.
+    ``augmentations`` is a list of ``{name: <albumentations class>, **kwargs}`` applied after the resize.
+    """
+    h, w = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    if resize == "stretch":
+        geometry = [A.Resize(h, w, interpolation=cv2.INTER_LINEAR, area_for_downscale="image")]
+    elif resize == "letterbox":
+        geometry = [
+            A.LongestMaxSize(max_size_hw=(h, w), interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
+            A.PadIfNeeded(h, w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+        ]
+    else:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    return A.Compose([*geometry, *(_augmentation(spec) for spec in augmentations or ())], seed=seed)
+
+
+PromptFn = Callable[[int, np.random.Generator], str]
+
+
+def load_prompt_bank(bank: str | Path, findings: Sequence[str]) -> dict:
+    """Read ``configs/prompts/<bank>.yaml`` (or a YAML path) and check it phrases the normal class and ``findings``.
+
+    A bank holds ``target`` (the canonical normal prompt: the default counterfactual target), ``normal`` (phrasings of
+    a normal study) and ``findings`` (finding name -> phrasings); extra keys are returned as they are.
+    """
+    path = Path(bank) if Path(bank).suffix in (".yaml", ".yml") else CONFIG_DIR / "prompts" / f"{bank}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (CONFIG_DIR / "prompts").glob("*.yaml"))
+        raise FileNotFoundError(f"prompt bank {path} not found; banks in configs/prompts: {names}")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    phrased = data.get("findings") or {}
+    problems = [f"findings.{f}" for f in findings if not _phrasings(phrased.get(f))]
+    problems += [] if _phrasings(data.get("normal")) else ["normal"]
+    problems += [] if isinstance(data.get("target"), str) and data["target"].strip() else ["target"]
+    if problems:
+        raise ValueError(f"prompt bank {path}: missing or empty {problems} (target is a string, the others lists of phrasings)")
+    return data
+
+
+def _phrasings(value: object) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) and v.strip() for v in value)
+
+
+class XRayDataset(Dataset):
+    """Images under ``root`` by relative path (the ``id``) with labels, prompts and optional masks.
+
+    ``prompt(index, rng)`` builds sample ``index``'s prompt. With ``random_prompt`` the rng is the process's (a new
+    phrasing at every access, for training); otherwise it is seeded by (seed, id), so a sample's prompt is the same in
+    every epoch, worker and run. Augmentations and random prompts are reseeded once per process from (seed, DDP rank,
+    worker seed): forked DataLoader workers would otherwise share one random stream and augment identically.
+
+    A file that fails to decode raises under ``on_bad_file='error'``; under ``'skip'`` it is reported once with its
+    path and the next readable sample (index + 1, ...) is served instead, so the batch and the run go on.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        ids: Sequence[str],
+        labels: np.ndarray,
+        prompt: PromptFn,
+        transform: A.Compose,
+        *,
+        label_mask: np.ndarray | None = None,
+        lung_masks: Sequence[str | None] | None = None,
+        lesion_masks: Sequence[str | None] | None = None,
+        on_bad_file: str = "skip",
+        seed: int = 0,
+        random_prompt: bool = False,
+    ):
+        if on_bad_file not in BAD_FILE_POLICIES:
+            raise ValueError(f"on_bad_file must be one of {BAD_FILE_POLICIES}, got {on_bad_file!r}")
+        self.root = Path(root)
+        self.ids = list(ids)
+        self.labels = np.asarray(labels, dtype=np.float32)
+        self.label_mask = None if label_mask is None else np.asarray(label_mask, dtype=np.float32)
+        self.prompt = prompt
+        self.transform = transform
+        self.lung_masks = lung_masks
+        self.lesion_masks = lesion_masks
+        self.on_bad_file = on_bad_file
+        self.seed = seed
+        self.random_prompt = random_prompt
+        #: files that failed to decode in this process: id -> reason
+        self.bad_files: dict[str, str] = {}
+        self._seeded_pid: int | None = None
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _seed_process(self) -> None:
+        if self._seeded_pid == os.getpid():
+            return
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        worker_seed = torch.initial_seed() if get_worker_info() is not None else 0
+        entropy = np.random.SeedSequence([self.seed, rank, worker_seed])
+        self._rng = np.random.default_rng(entropy)
+        self.transform.set_random_seed(int(entropy.generate_state(1)[0]))
+        self._seeded_pid = os.getpid()
+
+    def __getitem__(self, index: int) -> dict:
+        self._seed_process()
+        failures = 0
+        for step in range(len(self)):
+            i = (index + step) % len(self)
+            if self.ids[i] in self.bad_files:
+                continue
+            try:
+                return self._load(i)
+            except UnreadableImageError as err:
+                if self.on_bad_file == "error":
+                    raise RuntimeError(
+                        f"cannot read {err.path} ({err.reason}); set data.on_bad_file=skip to serve another image "
+                        "instead, or data.scan=full to find every such file before training"
+                    ) from err
+                self.bad_files[self.ids[i]] = err.reason
+                log.warning(
+                    "unreadable image %s (%s): serving the next sample instead (%d unreadable in this process)",
+                    err.path, err.reason, len(self.bad_files),
+                )
+                failures += 1
+                if failures == _MAX_CONSECUTIVE_BAD_READS:
+                    break
+        raise RuntimeError(
+            f"no readable image found from sample {self.root / self.ids[index]} on ({failures} failed reads in a "
+            "row); is the dataset storage still mounted?"
+        )
+
+    def _load(self, i: int) -> dict:
+        image = read_gray(self.root / self.ids[i])
+        masks = {}
+        for key, paths in (("lung_mask", self.lung_masks), ("mask", self.lesion_masks)):
+            if paths is not None:
+                path = paths[i]
+                masks[key] = np.zeros(image.shape, np.uint8) if path is None else read_mask(self.root / path, image.shape)
+        out = self.transform(image=image, masks=list(masks.values())) if masks else self.transform(image=image)
+        image = torch.from_numpy(np.clip(out["image"], 0.0, 1.0)).float()[None]
+        masks = {k: torch.from_numpy(np.asarray(m)).float()[None] for k, m in zip(masks, out.get("masks", []))}
+        rng = self._rng if self.random_prompt else np.random.default_rng([self.seed, zlib.crc32(self.ids[i].encode())])
+        sample = {
+            "image": to_model_range(image),
+            "prompt": self.prompt(i, rng),
+            "label": torch.from_numpy(self.labels[i]),
+            "mask": torch.zeros_like(image),
+            "id": self.ids[i],
+            **masks,
+        }
+        if self.lesion_masks is not None:
+            sample["has_mask"] = self.lesion_masks[i] is not None
+        if self.label_mask is not None:
+            sample["label_mask"] = torch.from_numpy(self.label_mask[i])
+        return sample

@@ -1,0 +1,34 @@
+"""Stage 1: train the autoencoder, then export it (diffusers format, latent scaling factor set) for stage 2.
+
+    python experiments/train_autoencoder.py [experiment=smoke] [trainer.max_steps=2000] [key=value ...]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from experiments.runner import build_datamodule, build_trainer, fit, load_config, log, seed_and_threads
+from lightning_modules.autoencoder import AutoencoderModule
+from lightning_modules.callbacks import ReconstructionLogger
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    cfg = load_config("train_autoencoder", argv)
+    seed_and_threads(cfg)
+    datamodule = build_datamodule(cfg)
+    module = AutoencoderModule(**OmegaConf.to_container(cfg.model.autoencoder, resolve=True),
+                               total_steps=cfg.trainer.max_steps)
+    trainer = build_trainer(cfg, [ReconstructionLogger(**cfg.callbacks.reconstructions)])
+    fit(cfg, trainer, module, datamodule)
+    if not trainer.is_global_zero:
+        return None
+    scaling_factor = module.latent_scaling_factor(datamodule.train_dataloader())
+    export_dir = module.export(Path(cfg.log_dir) / cfg.run_name / "vae", scaling_factor)
+    log.warning("exported the VAE to %s (scaling_factor %.4f)", export_dir, scaling_factor)
+    return export_dir
+
+
+if __name__ == "__main__":
+    main()

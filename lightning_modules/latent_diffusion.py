@@ -1,0 +1,174 @@
+"""Stage 2: a text-conditioned denoiser trained on the frozen VAE's latents, with classifier-free guidance dropout.
+
+image -> latent (frozen VAE, cached) -> noised latent (DDPM ``add_noise``) -> UNet(prompt embeddings) -> loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from typing import Iterator
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+
+from lightning_modules.optim import adamw_with_warmup
+from lightning_modules.prompt_encoder import PromptEncoder
+from lightning_modules.vae import load_vae, posterior
+
+#: the null prompt of classifier-free guidance
+NULL_PROMPT = ""
+FROZEN_PREFIXES = ("vae.", "prompt_encoder.")
+
+
+def drop_prompts(prompts: list[str], p_uncond: float, generator: torch.Generator | None = None) -> list[str]:
+    """Replace each prompt by the null prompt with probability ``p_uncond``: what teaches the unconditional model."""
+    drop = torch.rand(len(prompts), generator=generator) < p_uncond
+    return [NULL_PROMPT if d else p for p, d in zip(prompts, drop.tolist())]
+
+
+class LatentDiffusionModule(L.LightningModule):
+    """Frozen VAE + frozen prompt encoder + trainable ``UNet2DConditionModel`` (with diffusers' EMA of its weights).
+
+    Checkpoints hold the UNet, its EMA and the optimizer; the frozen parts are rebuilt from ``vae.path`` and
+    ``prompt_encoder.name_or_path`` (kept in the hyper-parameters), so they are never duplicated per checkpoint.
+    """
+
+    def __init__(self, vae: dict, unet: dict, prompt_encoder: dict, noise_scheduler: dict, p_uncond: float = 0.15,
+                 ema: dict | None = None, optimizer: dict | None = None, cache_latents: bool = True,
+                 image_size: int = 64, total_steps: int | None = None, sampling: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.vae = load_vae(**vae)
+        self.prompt_encoder = PromptEncoder(**prompt_encoder)
+        self.unet = UNet2DConditionModel(
+            sample_size=image_size // self.vae_scale_factor,
+            in_channels=self.vae.config.latent_channels,
+            out_channels=self.vae.config.latent_channels,
+            cross_attention_dim=self.prompt_encoder.hidden_size,
+            **unet,
+        )
+        self.noise_scheduler = DDPMScheduler(**noise_scheduler)
+        self.ema = EMAModel(self.unet.parameters(), **ema) if ema else None
+        self.strict_loading = False  # frozen weights are not in our checkpoints
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def train(self, mode: bool = True) -> "LatentDiffusionModule":
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    # ---- image -> latent ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def latents(self, batch: dict, sample: bool) -> torch.Tensor:
+        """(B, 1, H, W) images -> (B, C, h, w) scaled latents; the posterior of each image id is encoded once."""
+        images, ids = batch["image"], batch["id"]
+        if not self.hparams.cache_latents:
+            dist = posterior(self.vae, images)
+            mean, std = dist.mean, dist.std
+        else:
+            missing = [i for i, key in enumerate(ids) if key not in self._latent_cache]
+            if missing:
+                dist = posterior(self.vae, images[missing])
+                for i, m, s in zip(missing, dist.mean, dist.std):
+                    self._latent_cache[ids[i]] = (m, s)
+            mean = torch.stack([self._latent_cache[key][0] for key in ids])
+            std = torch.stack([self._latent_cache[key][1] for key in ids])
+        latents = mean + std * torch.randn_like(mean) if sample else mean
+        return latents * self.vae.config.scaling_factor
+
+    # ---- noised latent -> UNet -> loss ----------------------------------------------------------------------
+    def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
+        training = stage == "train"
+        generator = None if training else torch.Generator(self.device).manual_seed(self._val_seed(batch))
+        latents = self.latents(batch, sample=training)  # (B, C, h, w)
+        prompts = drop_prompts(batch["prompt"], self.hparams.p_uncond) if training else batch["prompt"]
+        embeddings = self.prompt_encoder(prompts)  # (B, L, D)
+
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator, device=self.device)
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)  # q_sample
+        prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=embeddings).sample
+        loss = F.mse_loss(prediction, self.target(latents, noise, timesteps))
+        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True,
+                 sync_dist=not training, batch_size=latents.shape[0])
+        return loss
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    @staticmethod
+    def _val_seed(batch: dict) -> int:
+        """Validation noise depends on the batch's ids only, so the curve is comparable across epochs and ranks."""
+        return zlib.crc32("\n".join(batch["id"]).encode())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        with self.ema_weights():
+            return self._common_step(batch, "val")
+
+    # ---- optimisation and EMA -------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return adamw_with_warmup(self.unet.parameters(), total_steps=self.hparams.total_steps,
+                                 **(self.hparams.optimizer or {"lr": 1e-4}))
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def on_before_zero_grad(self, optimizer) -> None:
+        """Runs once per optimizer step (not per accumulated micro-batch): the EMA's step."""
+        if self.ema is not None and self.trainer.training:
+            self.ema.step(self.unet.parameters())
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Temporarily swap the EMA weights into the UNet (for validation, samples and export)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.unet.parameters())
+        self.ema.copy_to(self.unet.parameters())
+        try:
+            yield
+        finally:
+            self.ema.restore(self.unet.parameters())
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+            self.ema.to(self.device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu",
+                        **overrides) -> "LatentDiffusionModule":
+        """Rebuild from a checkpoint with ``weights_only=True`` loading (no pickled code is executed)."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        module = cls(**{**checkpoint["hyper_parameters"], **overrides})
+        missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+        if unexpected or any(not key.startswith(FROZEN_PREFIXES) for key in missing):
+            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
+                               f"unexpected {unexpected}")
+        module.on_load_checkpoint(checkpoint)
+        return module.eval()
+

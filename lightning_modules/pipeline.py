@@ -1,0 +1,183 @@
+"""Healthy counterfactuals (and text-to-image samples) from a trained latent diffusion model.
+
+Reads like a diffusers pipeline: check inputs, encode prompt, encode image, prepare latents, denoise with guidance,
+decode. Two ways to reach the counterfactual (method.md §3):
+
+* ``sdedit``: noise the image latent to the step set by ``strength`` and denoise toward the healthy prompt; this is
+  exactly what diffusers' ``StableDiffusionImg2ImgPipeline`` does (tests check the outputs are equal);
+* ``inversion``: deterministic DDIM inversion with the null prompt to ``inversion_depth`` of the schedule
+  (abduction), then guided DDIM decoding toward the healthy prompt (action and prediction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from lightning_modules.attribution import signed_map
+from lightning_modules.latent_diffusion import NULL_PROMPT, LatentDiffusionModule
+from lightning_modules.vae import decode, encode
+
+METHODS = ("sdedit", "inversion")
+
+
+@dataclass
+class CounterfactualOutput:
+    images: torch.Tensor  # (B, 1, H, W) counterfactuals in [-1, 1]
+    latents: torch.Tensor  # (B, C, h, w) their latents
+    attribution: torch.Tensor  # (B, 1, H, W) signed map x_a - x_n
+
+
+class CounterfactualPipeline:
+    def __init__(self, vae, unet, scheduler: DDIMScheduler, prompt_encoder,
+                 normal_prompt: str = "no acute cardiopulmonary abnormality"):
+        self.vae, self.unet, self.scheduler, self.prompt_encoder = vae, unet, scheduler, prompt_encoder
+        self.inverse_scheduler = DDIMInverseScheduler.from_config(scheduler.config)
+        self.normal_prompt = normal_prompt
+
+    @classmethod
+    def from_module(cls, module: LatentDiffusionModule, normal_prompt: str | None = None) -> "CounterfactualPipeline":
+        """Shares the module's components (use inside ``module.ema_weights()`` to sample with the EMA)."""
+        sampling = module.hparams.sampling or {}
+        scheduler = DDIMScheduler.from_config(module.noise_scheduler.config, **sampling.get("scheduler", {}))
+        return cls(module.vae, module.unet, scheduler, module.prompt_encoder,
+                   normal_prompt or sampling.get("normal_prompt", "no acute cardiopulmonary abnormality"))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str | torch.device = "cpu", use_ema: bool = True,
+                        normal_prompt: str | None = None) -> "CounterfactualPipeline":
+        module = LatentDiffusionModule.from_checkpoint(path)
+        if use_ema and module.ema is not None:
+            module.ema.copy_to(module.unet.parameters())
+        return cls.from_module(module.to(device).eval(), normal_prompt)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # 1. check inputs ------------------------------------------------------------------------------------------
+    @staticmethod
+    def check_inputs(images: torch.Tensor, method: str, strength: float, inversion_depth: float,
+                     num_inference_steps: int) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method '{method}'; valid: {', '.join(METHODS)}")
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
+        if not 0.0 < strength <= 1.0 or not 0.0 < inversion_depth <= 1.0:
+            raise ValueError(f"strength and inversion_depth must be in (0, 1], got {strength}, {inversion_depth}")
+        if num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be at least 1")
+
+    # 2. encode prompt -----------------------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str], guidance_scale: float) -> torch.Tensor:
+        """(B,) prompts -> (2B, L, D) [null; prompt] embeddings under guidance, else (B, L, D).
+
+        ``guidance_scale`` 1 is the conditional model alone and 0 the unconditional one: one UNet call, not two.
+        """
+        if guidance_scale == 0.0:
+            prompts = [NULL_PROMPT] * len(prompts)
+        conditional = self.prompt_encoder(prompts).to(self.device)
+        if not self.do_guidance(guidance_scale):
+            return conditional
+        return torch.cat([self.prompt_encoder([NULL_PROMPT] * len(prompts)).to(self.device), conditional])
+
+    @staticmethod
+    def do_guidance(guidance_scale: float) -> bool:
+        return guidance_scale not in (0.0, 1.0)
+
+    # 3. encode image ------------------------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                     sample: bool = False) -> torch.Tensor:
+        return encode(self.vae, images.to(self.device), generator, sample)  # (B, C, h, w)
+
+    # 4. prepare latents ---------------------------------------------------------------------------------------
+    def timesteps(self, num_inference_steps: int, fraction: float) -> torch.Tensor:
+        """The last ``int(num_inference_steps * fraction)`` DDIM timesteps, as img2img's ``get_timesteps``."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        start = num_inference_steps - min(int(num_inference_steps * fraction), num_inference_steps)
+        return self.scheduler.timesteps[start * self.scheduler.order:]
+
+    def q_sample(self, latents: torch.Tensor, timestep: torch.Tensor,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
+        return self.scheduler.add_noise(latents, noise, timestep.repeat(latents.shape[0]))
+
+    @torch.no_grad()
+    def invert(self, latents: torch.Tensor, num_inference_steps: int, depth: float,
+               prompt: str = NULL_PROMPT) -> torch.Tensor:
+        """Deterministic DDIM forward (abduction): z_0 -> z_t at ``depth`` of the schedule, under ``prompt``."""
+        self.inverse_scheduler.set_timesteps(num_inference_steps, device=self.device)
+        steps = min(int(num_inference_steps * depth), num_inference_steps)
+        embeddings = self.prompt_encoder([prompt] * latents.shape[0]).to(self.device)
+        for t in self.inverse_scheduler.timesteps[:steps]:
+            noise_pred = self.unet(latents, t, encoder_hidden_states=embeddings).sample
+            latents = self.inverse_scheduler.step(noise_pred, t, latents).prev_sample
+        return latents
+
+    # 5. denoise with guidance ---------------------------------------------------------------------------------
+    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+                      guidance_scale: float) -> torch.Tensor:
+        if not self.do_guidance(guidance_scale):
+            return self.unet(self.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=embeddings).sample
+        model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)  # (2B, C, h, w)
+        noise_uncond, noise_cond = self.unet(model_input, t, encoder_hidden_states=embeddings).sample.chunk(2)
+        return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor,
+                guidance_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        for t in timesteps:
+            noise_pred = self.predict_noise(latents, t, embeddings, guidance_scale)
+            latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+        return latents
+
+    # 6. decode ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode(self.vae, latents)  # (B, 1, H, W) in [-1, 1]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, method: str = "inversion", target_prompt: str | list[str] | None = None,
+                 guidance_scale: float = 3.0, num_inference_steps: int = 50, strength: float = 0.5,
+                 inversion_depth: float = 0.5, generator: torch.Generator | None = None,
+                 seed: int | None = None) -> CounterfactualOutput:
+        """Abnormal images (B, 1, H, W) in [-1, 1] -> their healthy counterfactuals and attribution maps."""
+        self.check_inputs(images, method, strength, inversion_depth, num_inference_steps)
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        images = images.to(self.device)
+        prompts = self._prompts(target_prompt or self.normal_prompt, images.shape[0])
+        embeddings = self.encode_prompt(prompts, guidance_scale)
+
+        if method == "sdedit":
+            latents = self.encode_image(images, generator, sample=True)  # as img2img: a posterior sample
+            timesteps = self.timesteps(num_inference_steps, strength)
+            latents = self.q_sample(latents, timesteps[:1], generator)
+        else:
+            latents = self.invert(self.encode_image(images), num_inference_steps, inversion_depth)
+            timesteps = self.timesteps(num_inference_steps, inversion_depth)
+
+        latents = self.denoise(latents, timesteps, embeddings, guidance_scale, generator)
+        counterfactuals = self.decode(latents)
+        return CounterfactualOutput(counterfactuals, latents, signed_map(images, counterfactuals))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], height: int, width: int, guidance_scale: float = 3.0,
+                 num_inference_steps: int = 25, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Text -> images (B, 1, H, W) in [-1, 1]: the sample grids shown during training."""
+        embeddings = self.encode_prompt(prompts, guidance_scale)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (len(prompts), self.vae.config.latent_channels, height // factor, width // factor)
+        latents = randn_tensor(shape, generator=generator, device=self.device) * self.scheduler.init_noise_sigma
+        return self.decode(self.denoise(latents, self.timesteps(num_inference_steps, 1.0), embeddings,
+                                        guidance_scale, generator))
+
+    @staticmethod
+    def _prompts(prompt: str | list[str], batch_size: int) -> list[str]:
+        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != batch_size:
+            raise ValueError(f"{len(prompts)} prompts for {batch_size} images")
+        return prompts
