@@ -4,7 +4,8 @@ Labels are one-hot over the three abnormal classes (``finding_names``); Normal i
 split, so one is drawn per class from the seed (a class's split does not depend on which other classes are selected)
 and, with ``split_file``, written once and re-read ever after: images added to the folders later stay out of it.
 The lung masks in ``masks/`` are served as ``lung_mask`` on request; a ``lesion_masks/`` folder beside ``masks/``
-(the layout the synthetic phantoms are written in) is served as ``mask`` with ``has_mask``.
+(the layout the synthetic phantoms are written in) is served as ``mask``, with ``has_mask`` True where an image has
+a lesion mask file.
 """
 
 from __future__ import annotations
@@ -22,13 +23,9 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 
 from datamodules.base import CXRDataModule
-from datamodules.images import (
-    IMAGE_SUFFIXES,
-    XRayDataset,
-    build_transform,
-    load_prompt_bank,
-)
-from datamodules.scan import BadFile, enforce, scan_files
+from datamodules.images import BAD_FILE_POLICIES, IMAGE_SUFFIXES, XRayDataset, build_transform
+from datamodules.prompts import PromptBank
+from datamodules.scan import SCAN_MODES, BadFile, enforce, scan_files
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +66,20 @@ def stratified_split(classes: Sequence[str], val_fraction: float, test_fraction:
     return split.tolist()
 
 
+def _paths(column: pd.Series) -> list[str | None]:
+    """Optional relative paths of a table column (pandas stores the missing ones as NaN)."""
+    return [p if isinstance(p, str) else None for p in column]
+
+
 class ClassPrompt:
     """A phrasing of the sample's class from the bank (a picklable callable: DataLoader workers may not fork)."""
 
-    def __init__(self, phrases: Mapping[str, Sequence[str]], classes: Sequence[str]):
-        self.phrases = {k: list(v) for k, v in phrases.items()}
-        self.classes = list(classes)
+    def __init__(self, bank: PromptBank, classes: Sequence[str]):
+        self.bank, self.classes = bank, list(classes)
 
     def __call__(self, index: int, rng: np.random.Generator) -> str:
-        options = self.phrases[self.classes[index]]
-        return options[int(rng.integers(len(options)))]
+        cls = self.classes[index]
+        return self.bank.normal_phrase(rng) if cls == "Normal" else self.bank.phrase(cls, rng)
 
 
 class CovidRadiographyDataModule(CXRDataModule):
@@ -93,7 +94,7 @@ class CovidRadiographyDataModule(CXRDataModule):
     def __init__(
         self,
         root: str | None,
-        image_size: int | Sequence[int] = 256,
+        image_size: int = 256,
         classes: Sequence[str] | None = None,
         val_fraction: float = 0.05,
         test_fraction: float = 0.1,
@@ -118,17 +119,22 @@ class CovidRadiographyDataModule(CXRDataModule):
         if unknown:
             raise ValueError(f"unknown classes {unknown}; the dataset's classes are {list(CLASSES)}")
         if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-            raise ValueError(f"need 0 <= val_fraction, test_fraction and a sum < 1; got {val_fraction}, {test_fraction}")
+            raise ValueError(f"need 0 <= val_fraction, test_fraction, sum < 1; got {val_fraction}, {test_fraction}")
         self.root = self.resolve_root(root, self.classes)
-        self.image_size, self.resize, self.augmentations = image_size, resize, list(augmentations or [])
+        self.image_size, self.resize, self.augmentations = int(image_size), resize, list(augmentations or [])
+        self.has_random_augmentation = bool(self.augmentations)
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.split_file = Path(split_file) if split_file else None
         self.balanced_sampling, self.lung_masks = balanced_sampling, lung_masks
         self.on_bad_file, self.scan_mode, self.random_prompt = on_bad_file, scan, random_prompt
+        if on_bad_file not in BAD_FILE_POLICIES or scan not in SCAN_MODES:
+            raise ValueError(f"on_bad_file must be in {BAD_FILE_POLICIES} and scan in {SCAN_MODES}")
         build_transform(image_size, resize, self.augmentations)  # a bad resize/augmentation fails now, not in setup
-        bank = load_prompt_bank(prompt_bank, [c for c in CLASSES if c != "Normal"])
-        self.phrases = {**bank["findings"], "Normal": bank["normal"]}
-        self.normal_prompt = target_prompt or bank["target"]
+        self.bank = PromptBank.load(prompt_bank)
+        unphrased = [c for c in self.finding_names if c not in self.bank.findings]
+        if unphrased:
+            raise ValueError(f"prompt bank {prompt_bank!r} has no phrasings for {unphrased}")
+        self.normal_prompt = target_prompt or self.bank.target
         self.bad_files: list[BadFile] | None = None
         #: class name of every sample, per split (for balanced sampling and per-class reports)
         self.split_classes: dict[str, list[str]] = {}
@@ -157,13 +163,14 @@ class CovidRadiographyDataModule(CXRDataModule):
         for cls in CLASSES:
             images = _image_files(self.root / cls / "images")
             lungs, lesions = _image_files(self.root / cls / "masks"), _image_files(self.root / cls / "lesion_masks")
+            has_lesion_folder = (self.root / cls / "lesion_masks").is_dir()
             for stem, name in images.items():
                 rows.append({
                     "path": f"{cls}/images/{name}",
                     "class": cls,
                     "lung_mask": f"{cls}/masks/{lungs[stem]}" if stem in lungs else None,
                     "lesion_mask": f"{cls}/lesion_masks/{lesions[stem]}" if stem in lesions else None,
-                    "has_lesion_folder": (self.root / cls / "lesion_masks").is_dir(),
+                    "has_lesion_folder": has_lesion_folder,
                 })
         return pd.DataFrame(rows, columns=["path", "class", "lung_mask", "lesion_mask", "has_lesion_folder"])
 
@@ -171,7 +178,7 @@ class CovidRadiographyDataModule(CXRDataModule):
         if self.split_file is not None and self.split_file.is_file():
             saved = pd.read_csv(self.split_file, dtype=str, keep_default_na=False)
             if not {"path", "class", "split"} <= set(saved.columns) or not set(saved["split"]) <= set(SPLITS):
-                raise ValueError(f"split file {self.split_file}: expected columns path,class,split with splits {SPLITS}")
+                raise ValueError(f"split file {self.split_file}: expected columns path,class,split; splits {SPLITS}")
             on_disk = set(listing["path"])
             gone, new = saved[~saved["path"].isin(on_disk)], listing[~listing["path"].isin(set(saved["path"]))]
             if len(gone):
@@ -181,7 +188,8 @@ class CovidRadiographyDataModule(CXRDataModule):
                 log.warning("split file %s: %d images on disk are not in it and are left out (delete the file to "
                             "re-split), e.g. %s", self.split_file, len(new), list(new["path"][:3]))
             return listing.merge(saved[["path", "split"]], on="path", how="inner")
-        listing = listing.assign(split=stratified_split(listing["class"], self.val_fraction, self.test_fraction, self.seed))
+        split = stratified_split(listing["class"], self.val_fraction, self.test_fraction, self.seed)
+        listing = listing.assign(split=split)
         if self.split_file is not None:
             self.split_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.split_file.with_name(f".{self.split_file.name}.{os.getpid()}")  # DDP ranks write the same file
@@ -197,7 +205,7 @@ class CovidRadiographyDataModule(CXRDataModule):
             listing = self._assign_splits(self._listing())
             selected = listing[listing["class"].isin(self.classes)].reset_index(drop=True)
             if selected.empty:
-                raise FileNotFoundError(f"no images of {list(self.classes)} under {self.root}. Expected layout:\n{LAYOUT}")
+                raise FileNotFoundError(f"no images of {list(self.classes)} in {self.root}. Expected layout:\n{LAYOUT}")
             self._table = selected
         return self._table
 
@@ -237,22 +245,23 @@ class CovidRadiographyDataModule(CXRDataModule):
         """Check every selected image (and served mask) per ``scan``; apply ``on_bad_file``; return the report."""
         if self.bad_files is None:
             columns = ["path"] + (["lung_mask"] if self.lung_masks else []) + ["lesion_mask"]
-            files = [str(self.root / p) for c in columns for p in self.table[c] if p is not None]
+            files = [str(self.root / p) for c in columns for p in _paths(self.table[c]) if p is not None]
             bad = scan_files(files, self.scan_mode)
             enforce(bad, self.on_bad_file, f"COVID-19 Radiography ({self.root})")
             self.bad_files = bad
         return self.bad_files
+
+    def sample_prompts(self) -> list[str]:
+        """The normal prompt, then each abnormal class in its first phrasing (the training sample grids)."""
+        return [self.normal_prompt, *(self.bank.phrase(c, choice=0) for c in self.finding_names)]
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         bad = {b.path for b in self.scan()}
         table = self.table
-        keep = [
-            not any(p is not None and str(self.root / p) in bad for p in (row.path, row.lung_mask, row.lesion_mask))
-            for row in table.itertuples()
-        ]
-        table = table[keep]
+        files = zip(table["path"], _paths(table["lung_mask"]), _paths(table["lesion_mask"]))
+        table = table[[not any(p is not None and str(self.root / p) in bad for p in row) for row in files]]
         serve_lesions = bool(table["has_lesion_folder"].any())
         for split in SPLITS:
             part = table[table["split"] == split]
@@ -263,10 +272,10 @@ class CovidRadiographyDataModule(CXRDataModule):
                 self.root,
                 part["path"].tolist(),
                 labels,
-                ClassPrompt(self.phrases, part["class"].tolist()),
+                ClassPrompt(self.bank, part["class"].tolist()),
                 build_transform(self.image_size, self.resize, self.augmentations if train else None, seed=self.seed),
-                lung_masks=part["lung_mask"].tolist() if self.lung_masks else None,
-                lesion_masks=part["lesion_mask"].tolist() if serve_lesions else None,
+                lung_masks=_paths(part["lung_mask"]) if self.lung_masks else None,
+                lesion_masks=_paths(part["lesion_mask"]) if serve_lesions else None,
                 on_bad_file=self.on_bad_file,
                 seed=self.seed,
                 random_prompt=self.random_prompt and train,

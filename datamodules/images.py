@@ -18,15 +18,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call from a training job
 import albumentations as A  # noqa: E402
 
-from configs import CONFIG_DIR  # noqa: E402
 from datamodules.base import to_model_range  # noqa: E402
+from datamodules.zones import binarize  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +85,8 @@ def read_gray(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
-    """A binary uint8 mask resized (nearest) to ``shape``: lung masks are stored at another resolution than images."""
-    mask = (read_gray(path) > 0.5).astype(np.uint8)
+    """A binary uint8 mask (0/1, 0/255 or soft) resized (nearest) to ``shape``, as lung masks differ in resolution."""
+    mask = binarize(read_gray(path)).astype(np.uint8)
     if mask.shape != shape:
         mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return mask
@@ -132,23 +131,22 @@ def _augmentation(spec: Mapping) -> A.BasicTransform:
 
 
 def build_transform(
-    image_size: int | Sequence[int],
+    image_size: int,
     resize: str = "stretch",
     augmentations: Sequence[Mapping] | None = None,
     seed: int | None = None,
 ) -> A.Compose:
-    """Resize to ``image_size`` (int or [H, W]) then augment; masks passed as ``masks=`` follow the image.
+    """Resize to ``image_size`` squared, then augment; masks passed as ``masks=`` follow the image.
 
-    ``stretch`` resizes to exactly H x W; ``letterbox`` keeps the aspect ratio and pads with black.
+    ``stretch`` resizes to exactly that size; ``letterbox`` keeps the aspect ratio and pads with black.
     ``augmentations`` is a list of ``{name: <albumentations class>, **kwargs}`` applied after the resize.
     """
-    h, w = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     if resize == "stretch":
-        geometry = [A.Resize(h, w, interpolation=cv2.INTER_LINEAR, area_for_downscale="image")]
+        geometry = [A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image")]
     elif resize == "letterbox":
         geometry = [
-            A.LongestMaxSize(max_size_hw=(h, w), interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
-            A.PadIfNeeded(h, w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+            A.LongestMaxSize(max_size=image_size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
+            A.PadIfNeeded(image_size, image_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
         ]
     else:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
@@ -156,30 +154,6 @@ def build_transform(
 
 
 PromptFn = Callable[[int, np.random.Generator], str]
-
-
-def load_prompt_bank(bank: str | Path, findings: Sequence[str]) -> dict:
-    """Read ``configs/prompts/<bank>.yaml`` (or a YAML path) and check it phrases the normal class and ``findings``.
-
-    A bank holds ``target`` (the canonical normal prompt: the default counterfactual target), ``normal`` (phrasings of
-    a normal study) and ``findings`` (finding name -> phrasings); extra keys are returned as they are.
-    """
-    path = Path(bank) if Path(bank).suffix in (".yaml", ".yml") else CONFIG_DIR / "prompts" / f"{bank}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in (CONFIG_DIR / "prompts").glob("*.yaml"))
-        raise FileNotFoundError(f"prompt bank {path} not found; banks in configs/prompts: {names}")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    phrased = data.get("findings") or {}
-    problems = [f"findings.{f}" for f in findings if not _phrasings(phrased.get(f))]
-    problems += [] if _phrasings(data.get("normal")) else ["normal"]
-    problems += [] if isinstance(data.get("target"), str) and data["target"].strip() else ["target"]
-    if problems:
-        raise ValueError(f"prompt bank {path}: missing or empty {problems} (target is a string, the others lists of phrasings)")
-    return data
-
-
-def _phrasings(value: object) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) and v.strip() for v in value)
 
 
 class XRayDataset(Dataset):
@@ -274,8 +248,8 @@ class XRayDataset(Dataset):
         masks = {}
         for key, paths in (("lung_mask", self.lung_masks), ("mask", self.lesion_masks)):
             if paths is not None:
-                path = paths[i]
-                masks[key] = np.zeros(image.shape, np.uint8) if path is None else read_mask(self.root / path, image.shape)
+                found = paths[i] is not None
+                masks[key] = read_mask(self.root / paths[i], image.shape) if found else np.zeros(image.shape, np.uint8)
         out = self.transform(image=image, masks=list(masks.values())) if masks else self.transform(image=image)
         image = torch.from_numpy(np.clip(out["image"], 0.0, 1.0)).float()[None]
         masks = {k: torch.from_numpy(np.asarray(m)).float()[None] for k, m in zip(masks, out.get("masks", []))}

@@ -38,13 +38,12 @@ class ReconstructionLogger(L.Callback):
 class SampleGridLogger(L.Callback):
     """Stage 2: every ``every_n_steps``, images generated from fixed prompts and seeds with the EMA weights.
 
-    One row per prompt (the dataset's ``sample_prompts()``: the normal prompt first, then one per finding).
+    One row per prompt (the dataset's ``sample_prompts()``: the normal prompt first, then one per finding); steps and
+    guidance are the model's ``sampling`` settings.
     """
 
-    def __init__(self, every_n_steps: int = 200, samples_per_prompt: int = 4, num_inference_steps: int = 25,
-                 guidance_scale: float = 3.0, seed: int = 0):
-        self.every_n_steps, self.samples_per_prompt = every_n_steps, samples_per_prompt
-        self.num_inference_steps, self.guidance_scale, self.seed = num_inference_steps, guidance_scale, seed
+    def __init__(self, every_n_steps: int = 200, samples_per_prompt: int = 4, seed: int = 0):
+        self.every_n_steps, self.samples_per_prompt, self.seed = every_n_steps, samples_per_prompt, seed
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -67,8 +66,9 @@ class SampleGridLogger(L.Callback):
         pl_module.eval()
         with pl_module.ema_weights():
             pipeline = CounterfactualPipeline.from_module(pl_module)
-            images = pipeline.generate(prompts, size, size, self.guidance_scale, self.num_inference_steps,
-                                       torch.Generator("cpu").manual_seed(self.seed))
+            sampling = pl_module.hparams.sampling
+            images = pipeline.generate(prompts, size, size, sampling["guidance_scale"],
+                                       sampling["num_inference_steps"], torch.Generator("cpu").manual_seed(self.seed))
         pl_module.train(was_training)
         writer.add_image("samples/prompt_rows", make_grid(to_unit_range(images), nrow=self.samples_per_prompt),
                          trainer.global_step)

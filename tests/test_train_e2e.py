@@ -1,0 +1,84 @@
+"""Both stages end to end with the smoke config, as `make train-autoencoder` / `make train` run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from experiments import train, train_autoencoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _events(run_dir: Path) -> EventAccumulator:
+    files = sorted(run_dir.glob("version_*/events.out.tfevents.*"))
+    assert files, f"no TensorBoard events under {run_dir}"
+    accumulator = EventAccumulator(str(files[-1].parent), size_guidance={"images": 0, "scalars": 0})
+    return accumulator.Reload()
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> Path:
+    log_dir = tmp_path_factory.mktemp("logs")
+    export = train_autoencoder.main(["experiment=smoke", f"log_dir={log_dir}"])
+    assert (export / "config.json").is_file() and (export / "diffusion_pytorch_model.safetensors").is_file()
+    return log_dir
+
+
+def test_stage1_trains_logs_and_exports_a_diffusers_vae(stage1):
+    from lightning_modules.vae import load_vae
+
+    vae = load_vae(str(stage1 / "autoencoder" / "vae"))
+    assert vae.config.in_channels == 1 and vae.config.scaling_factor > 0
+    events = _events(stage1 / "autoencoder")
+    assert "train/loss" in events.Tags()["scalars"]
+    assert "autoencoder/input_over_reconstruction" in events.Tags()["images"]
+    assert (next((stage1 / "autoencoder").glob("version_*")) / "config.yaml").is_file()
+
+
+def test_stage2_trains_logs_samples_and_resumes(stage1):
+    vae = f"model.vae.path={stage1 / 'autoencoder' / 'vae'}"
+    trainer = train.main(["experiment=smoke", f"log_dir={stage1}", vae])
+    assert trainer.global_step == 4
+    run = stage1 / "ldm"
+    assert {"last.ckpt", "best.ckpt"} <= {p.name for p in (run / "checkpoints").iterdir()}
+    events = _events(run)
+    assert {"train/loss", "val/loss"} <= set(events.Tags()["scalars"])
+    assert "samples/prompt_rows" in events.Tags()["images"]
+    config = (next(run.glob("version_0")) / "config.yaml").read_text()
+    assert "experiment: smoke" in config and "block_out_channels" in config
+
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any(k.startswith(("vae.", "prompt_encoder.")) for k in checkpoint["state_dict"])
+    assert checkpoint["ema"]["optimization_step"] == 4
+
+    resumed = train.main(["experiment=smoke", f"log_dir={stage1}", vae, "ckpt_path=last", "trainer.max_steps=6"])
+    assert resumed.global_step == 6
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["ema"]["optimization_step"] == 6 and checkpoint["global_step"] == 6
+
+
+@pytest.mark.ddp
+def test_stage2_under_ddp_with_two_cpu_processes(stage1, tmp_path):
+    """`make train EXPERIMENT=smoke GPUS=2 ACCELERATOR=cpu`: two gloo processes train to completion."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "experiments" / "train.py"), "experiment=smoke", f"log_dir={tmp_path}",
+               f"model.vae.path={stage1 / 'autoencoder' / 'vae'}", "trainer.accelerator=cpu", "trainer.devices=2",
+               "trainer.strategy=ddp"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
+    assert "All distributed processes registered. Starting with 2 processes" in result.stderr + result.stdout
+    checkpoint = torch.load(tmp_path / "ldm" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+
+
+def test_bad_override_exits_with_the_valid_keys(capsys):
+    with pytest.raises(SystemExit, match="valid keys at 'trainer'.*max_steps"):
+        train.main(["experiment=smoke", "trainer.max_stepz=3"])
