@@ -16,7 +16,7 @@ class AutoencoderModule(L.LightningModule):
     """Reconstruction (L1 + MSE) plus ``kl_weight`` x KL, the KL weighted per pixel as LDM weighs it."""
 
     def __init__(self, network: dict, kl_weight: float = 1e-6, optimizer: dict | None = None,
-                 total_steps: int | None = None):
+                 scaling_images: int = 2048, total_steps: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.vae = AutoencoderKL(**network)
@@ -54,9 +54,12 @@ class AutoencoderModule(L.LightningModule):
 
     @torch.no_grad()
     def latent_scaling_factor(self, loader) -> float:
-        """``1 / std(z)`` over posterior samples of the training set, as LDM sets its ``scale_factor``."""
-        count, total, total_sq = 0, 0.0, 0.0
+        """``1 / std(z)`` over posterior samples of ``scaling_images`` training images, as LDM sets ``scale_factor``."""
+        count, total, total_sq, images = 0, 0.0, 0.0, 0
         for batch in loader:
+            if images >= self.hparams.scaling_images:
+                break
+            images += len(batch["image"])
             z = self.vae.encode(batch["image"].to(self.device)).latent_dist.sample().double()
             count, total, total_sq = count + z.numel(), total + z.sum().item(), total_sq + z.square().sum().item()
         variance = total_sq / count - (total / count) ** 2

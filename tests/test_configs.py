@@ -31,10 +31,16 @@ def test_every_data_config_names_a_datamodule_with_matching_arguments(choice):
     assert "image_size" in cfg
 
 
+@pytest.mark.parametrize("choice", choices("data"))
+def test_smoke_experiment_composes_with_every_data_config(choice):
+    assert compose("train", ["experiment=smoke", f"data={choice}"]).data.batch_size == 8
+
+
 def test_synthetic_data_instantiates():
     dm = instantiate(compose("train", ["experiment=smoke"]).data)
     dm.setup("fit")
-    assert len(dm.dataset("train")) == 32
+    assert len(dm.dataset("train")) == dm.hparams.num_train
+    assert next(iter(dm.train_dataloader()))["image"].shape == (8, 1, 64, 64)
 
 
 @pytest.mark.parametrize("model", choices("model"))
@@ -59,7 +65,7 @@ def test_every_trainer_config_is_valid_trainer_arguments(trainer):
 def test_overrides_apply_and_experiment_shrinks():
     cfg = compose("train", ["experiment=smoke", "trainer.max_steps=100", "model.unet.block_out_channels=[64,128]"])
     assert cfg.trainer.max_steps == 100 and list(cfg.model.unet.block_out_channels) == [64, 128]
-    assert cfg.data.num_train == 32 and cfg.experiment == "smoke"
+    assert cfg.data.batch_size == 8 and cfg.experiment == "smoke"
 
 
 @pytest.mark.parametrize("override, message", [

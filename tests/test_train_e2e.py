@@ -82,3 +82,16 @@ def test_stage2_under_ddp_with_two_cpu_processes(stage1, tmp_path):
 def test_bad_override_exits_with_the_valid_keys(capsys):
     with pytest.raises(SystemExit, match="valid keys at 'trainer'.*max_steps"):
         train.main(["experiment=smoke", "trainer.max_stepz=3"])
+
+
+def test_phantoms_written_in_the_covid_layout_train_through_the_covid_datamodule(stage1, tmp_path):
+    """The real-data path end to end: phantoms on disk as the COVID-19 Radiography Database, smoke config."""
+    from datamodules.synthetic import SyntheticCXRDataModule
+
+    root = tmp_path / "COVID-19_Radiography_Dataset"
+    counts = SyntheticCXRDataModule(image_size=64).write_covid_layout(root, split="train", limit=48)
+    assert sum(counts.values()) == 48 and (root / "Viral Pneumonia" / "images").is_dir()
+    trainer = train.main(["experiment=smoke", "data=covid_radiography", f"data.root={root}", "data.image_size=64",
+                          f"log_dir={tmp_path / 'logs'}", f"model.vae.path={stage1 / 'autoencoder' / 'vae'}"])
+    assert trainer.global_step == 4
+    assert (tmp_path / "logs" / "ldm" / "checkpoints" / "last.ckpt").is_file()
