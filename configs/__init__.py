@@ -84,6 +84,9 @@ def compose(name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
     cfg = OmegaConf.merge(cfg, primary)
     cfg.experiment = experiment if experiment_cfg is not None else None
     if experiment_cfg is not None:
+        for group in GROUPS:  # an experiment shrinks every stage; entry points without a group skip its part
+            if group not in defaults and group in experiment_cfg:
+                experiment_cfg.pop(group)
         cfg = _merge_strict(cfg, experiment_cfg, f"experiment '{experiment}'")
     cfg = _merge_strict(cfg, OmegaConf.from_dotlist(dotlist), "command line")
     OmegaConf.resolve(cfg)

@@ -17,4 +17,16 @@ $PY experiments/train_autoencoder.py log_dir=$LOGS trainer.enable_progress_bar=f
 step "stage 2: latent diffusion model"
 $PY experiments/train.py log_dir=$LOGS model.vae.path=$LOGS/autoencoder/vae trainer.enable_progress_bar=false "$@"
 
+step "independent finding classifier (saliency baseline, validity, fid_domain, induction effect)"
+$PY experiments/train_classifier.py log_dir=$LOGS trainer.enable_progress_bar=false "$@"
+
+step "healthy counterfactuals and attribution maps on held-out phantoms"
+$PY experiments/counterfactual_attribution.py output_dir=$OUT/attribution
+
+step "generation quality (FID / SSIM / MS-SSIM) on held-out phantoms"
+$PY experiments/evaluate.py output_dir=$OUT/evaluation
+
+step "zero-shot localized disease induction on held-out normal phantoms"
+$PY experiments/zero_shot_induction.py output_dir=$OUT/induction
+
 step "done in $(( $(date +%s) - start ))s: TensorBoard logs in $LOGS, results in $OUT"

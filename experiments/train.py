@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from experiments.runner import build_datamodule, build_trainer, fit, load_config, log, seed_and_threads
 from lightning_modules.callbacks import SampleGridLogger
 from lightning_modules.latent_diffusion import LatentDiffusionModule
+from lightning_modules.metric_callbacks import CounterfactualGridLogger, GenerationMetricsLogger, HParamsLogger
 
 #: the model keys that build LatentDiffusionModule (the rest of `model` configures stage 1 and the classifier)
 MODULE_KEYS = ("vae", "unet", "prompt_encoder", "noise_scheduler", "p_uncond", "ema", "optimizer")
@@ -33,7 +34,12 @@ def main(argv: list[str] | None = None):
     seed_and_threads(cfg)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
-    trainer = build_trainer(cfg, [SampleGridLogger(**cfg.callbacks.samples)])
+    trainer = build_trainer(cfg, [
+        SampleGridLogger(**cfg.callbacks.samples),
+        CounterfactualGridLogger(**cfg.callbacks.counterfactuals),
+        GenerationMetricsLogger(**OmegaConf.to_container(cfg.callbacks.generation_metrics, resolve=True)),
+        HParamsLogger(OmegaConf.to_container(cfg, resolve=True)),
+    ])
     fit(cfg, trainer, module, datamodule)
     return trainer
 

@@ -25,8 +25,11 @@ def attribution_map(signed: torch.Tensor, kind: str = "absolute", sigma: float =
     if sigma > 0:
         kernel = 2 * int(round(3 * sigma)) + 1
         maps = gaussian_blur(maps, [kernel, kernel], [sigma, sigma])
-    if normalize:
-        flat = maps.flatten(1)
-        low, high = flat.min(dim=1).values, flat.max(dim=1).values
-        maps = (maps - low.view(-1, 1, 1, 1)) / (high - low).clamp(min=1e-8).view(-1, 1, 1, 1)
-    return maps
+    return normalize_per_image(maps) if normalize else maps
+
+
+def normalize_per_image(maps: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) -> each map min-max scaled to [0, 1]: maps of any method and unit become comparable scores."""
+    flat = maps.flatten(1)
+    low, high = flat.min(dim=1).values, flat.max(dim=1).values
+    return (maps - low.view(-1, 1, 1, 1)) / (high - low).clamp(min=1e-8).view(-1, 1, 1, 1)

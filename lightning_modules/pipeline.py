@@ -7,6 +7,9 @@ decode. Two ways to reach the counterfactual (method.md §3):
   exactly what diffusers' ``StableDiffusionImg2ImgPipeline`` does (tests check the outputs are equal);
 * ``inversion``: deterministic DDIM inversion with the null prompt to ``inversion_depth`` of the schedule
   (abduction), then guided DDIM decoding toward the healthy prompt (action and prediction).
+
+``induce`` is the reverse edit (zero-shot localized disease induction): a finding drawn into a region of a normal
+image by latent blending, as diffusers' ``StableDiffusionInpaintPipeline`` does for plain 4-channel UNets.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from lightning_modules.attribution import signed_map
+from lightning_modules.induction import feather_mask, latent_mask
 from lightning_modules.latent_diffusion import NULL_PROMPT, LatentDiffusionModule
 from lightning_modules.vae import decode, encode
 
@@ -29,6 +33,13 @@ class CounterfactualOutput:
     images: torch.Tensor  # (B, 1, H, W) counterfactuals in [-1, 1]
     latents: torch.Tensor  # (B, C, h, w) their latents
     attribution: torch.Tensor  # (B, 1, H, W) signed map x_a - x_n
+
+
+@dataclass
+class InductionOutput:
+    images: torch.Tensor  # (B, 1, H, W) normal images with the finding induced, in [-1, 1]
+    latents: torch.Tensor  # (B, C, h, w) their latents: the original's outside the region
+    difference: torch.Tensor  # (B, 1, H, W) signed map x_induced - x_normal
 
 
 class CounterfactualPipeline:
@@ -174,6 +185,67 @@ class CounterfactualPipeline:
         latents = randn_tensor(shape, generator=generator, device=self.device) * self.scheduler.init_noise_sigma
         return self.decode(self.denoise(latents, self.timesteps(num_inference_steps, 1.0), embeddings,
                                         guidance_scale, generator))
+
+    @staticmethod
+    def check_induction_inputs(images: torch.Tensor, region_masks: torch.Tensor, prompt: str | list[str],
+                               strength: float, num_inference_steps: int) -> None:
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
+        if region_masks.ndim != 4 or region_masks.shape[1] != 1 or region_masks.shape[-2:] != images.shape[-2:] \
+                or region_masks.shape[0] not in (1, images.shape[0]):
+            raise ValueError(f"region_masks must be (B or 1, 1, H, W) like the images {tuple(images.shape)}, "
+                             f"got {tuple(region_masks.shape)}")
+        if region_masks.min() < 0 or region_masks.max() > 1 or not region_masks.flatten(1).any(1).all():
+            raise ValueError("region_masks must be in [0, 1] and name at least one pixel of every image")
+        if any(not p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
+            raise ValueError("the finding prompt is empty: zero-shot induction needs the finding to draw")
+        if not 0.0 < strength <= 1.0 or num_inference_steps < 1:
+            raise ValueError(f"strength must be in (0, 1] and num_inference_steps >= 1, got {strength}, "
+                             f"{num_inference_steps}")
+
+    @torch.no_grad()
+    def induce(self, images: torch.Tensor, region_masks: torch.Tensor, prompt: str | list[str],
+               strength: float = 0.8, guidance_scale: float = 3.0, num_inference_steps: int = 50,
+               generator: torch.Generator | None = None, seed: int | None = None, feather: float = 0.0,
+               paste: bool = True) -> InductionOutput:
+        """Zero-shot localized disease induction (method.md §3): normal images (B, 1, H, W) in [-1, 1], regions
+        (B or 1, 1, H, W) in [0, 1] and a finding prompt -> the finding drawn inside the regions only.
+
+        The UNet was never trained to inpaint, so the region is imposed by latent blending, exactly as diffusers'
+        ``StableDiffusionInpaintPipeline`` does for 4-channel UNets (tests check the outputs are equal): after every
+        step the latent outside the region is replaced by the original latent re-noised, with the starting noise, to
+        the *next* timestep (after the last step, the original latent itself). ``feather`` (pixels) softens the
+        region's edge; ``paste`` then lays the decoded result over the original pixels through that mask, so outside
+        the region the image is the original rather than its VAE round trip.
+        """
+        self.check_induction_inputs(images, region_masks, prompt, strength, num_inference_steps)
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        images = images.to(self.device)
+        batch_size = images.shape[0]
+        masks = feather_mask(region_masks.to(self.device, images.dtype).expand(batch_size, -1, -1, -1), feather)
+        embeddings = self.encode_prompt(self._prompts(prompt, batch_size), guidance_scale)
+
+        original = self.encode_image(images, generator, sample=True)  # (B, C, h, w), a posterior sample as inpainting
+        mask = latent_mask(masks, original.shape[-2:])  # (B, 1, h, w)
+        timesteps = self.timesteps(num_inference_steps, strength)
+        noise = randn_tensor(original.shape, generator=generator, device=self.device, dtype=original.dtype)
+        if strength == 1.0:  # as diffusers: pure noise, not the image noised to the first (not quite last) timestep
+            latents = noise * self.scheduler.init_noise_sigma
+        else:
+            latents = self.scheduler.add_noise(original, noise, timesteps[:1].repeat(batch_size))
+
+        for i, t in enumerate(timesteps):
+            noise_pred = self.predict_noise(latents, t, embeddings, guidance_scale)
+            latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+            known = original if i == len(timesteps) - 1 else \
+                self.scheduler.add_noise(original, noise, timesteps[i + 1:i + 2].repeat(batch_size))
+            latents = mask * latents + (1 - mask) * known
+
+        induced = self.decode(latents)
+        if paste:
+            induced = masks * induced + (1 - masks) * images
+        return InductionOutput(induced, latents, signed_map(induced, images))
 
     @staticmethod
     def _prompts(prompt: str | list[str], batch_size: int) -> list[str]:

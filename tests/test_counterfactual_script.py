@@ -1,0 +1,137 @@
+"""experiments/counterfactual_attribution.py end to end on a smoke checkpoint trained here, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import counterfactual_attribution, train, train_autoencoder, train_classifier
+
+ALL = ["sdedit", "inversion", "mean_healthy", "reconstruction", "diffedit", "saliency"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """Smoke-sized VAE, latent diffusion model and classifier, trained for two steps each (no validation)."""
+    logs = tmp_path_factory.mktemp("logs")
+    short = ["experiment=smoke", f"log_dir={logs}", "trainer.max_steps=2", "trainer.limit_val_batches=0",
+             "data.num_train=16"]
+    vae = train_autoencoder.main(short)
+    train.main([*short, f"model.vae.path={vae}"])
+    return {"checkpoint": str(logs / "ldm" / "checkpoints" / "last.ckpt"),
+            "classifier_checkpoint": str(train_classifier.main(short))}
+
+
+def run(checkpoints: dict, out: Path, *overrides: str) -> dict:
+    """The script at 2 inference steps, 2 DiffEdit draws, on a 4-image synthetic test split (2 healthy) by default."""
+    return counterfactual_attribution.main([
+        "experiment=smoke", f"checkpoint={checkpoints['checkpoint']}",
+        f"classifier_checkpoint={checkpoints['classifier_checkpoint']}", f"output_dir={out}", "progress=false",
+        "data.num_train=24", "data.num_val=6", "data.num_test=4", "batch_size=2",
+        "sdedit.num_inference_steps=2", "sdedit.strength=0.5", "inversion.num_inference_steps=2",
+        "baselines.diffedit.num_inference_steps=2", "baselines.diffedit.strength=0.5",
+        "baselines.diffedit.num_maps=2", "baselines.mean_healthy.num_images=4", *overrides])
+
+
+def test_split_with_masks_writes_metrics_for_every_method(checkpoints, tmp_path):
+    out = tmp_path
+    run(checkpoints, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ALL
+    for method, values in metrics["methods"].items():
+        assert 0 <= values["auprc"] <= 1 and 0 <= values["auroc"] <= 1 and 0 <= values["dice"] <= 1, method
+    for method in ("sdedit", "inversion", "mean_healthy", "reconstruction"):
+        assert {"validity", "minimality", "twin_distance"} <= set(metrics["methods"][method]), method
+    assert "validity" not in metrics["methods"]["diffedit"]
+    assert metrics["images"] == 4 and metrics["scored"] == metrics["abnormal"] == 2
+    assert set(metrics["per_finding"]["inversion"]) <= {"nodule", "ground_glass", "consolidation", "effusion"}
+    table = (out / "metrics.md").read_text()
+    assert "| inversion |" in table and "| saliency |" in table
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["id"] for r in rows] == [f"test-{i:06d}" for i in range(4)]
+    assert sum(bool(r["inversion_auprc"]) for r in rows) == metrics["scored"]
+    for method in ALL:
+        assert len(list((out / "maps" / method).glob("*.npy"))) == 4
+    assert len(list((out / "counterfactuals" / "sdedit").glob("*.png"))) == 4
+    assert len(list((out / "overlays" / "inversion").glob("*.png"))) == 4
+    assert not (out / "overlays" / "diffedit").exists()  # overlays.methods: only ours by default
+    heat = np.load(out / "maps" / "inversion" / "test-000000.npy")
+    assert heat.shape == (64, 64) and heat.min() >= 0
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Two films (a 16-bit RGBA PNG, an 8-bit JPEG in a subfolder), a truncated JPEG and a text file named .png."""
+    folder = tmp_path_factory.mktemp("films")
+    (folder / "sub").mkdir()
+    ramp = np.linspace(0, 1, 80 * 96).reshape(80, 96)
+    bgra = np.stack([ramp, ramp, ramp, np.ones_like(ramp)], -1)
+    cv2.imwrite(str(folder / "rgba16.png"), (bgra * 65535).astype(np.uint16))  # Pillow cannot write 16-bit RGBA
+    assert Image.open(folder / "rgba16.png").mode == "RGBA"
+    Image.fromarray((ramp * 255).astype(np.uint8)).save(folder / "sub" / "grey.jpg")
+    good = (folder / "sub" / "grey.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "notes.png").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder_runs(checkpoints, folder, tmp_path_factory) -> list[tuple[Path, dict]]:
+    """The folder through our methods and DiffEdit (the stochastic ones), twice with the same seed."""
+    outs = [tmp_path_factory.mktemp(f"folder{k}") for k in range(2)]
+    return [(out, run(checkpoints, out, f"input={folder}", "methods=[sdedit,inversion,diffedit]")) for out in outs]
+
+
+def test_folder_with_a_corrupt_file_and_a_16_bit_rgba_png(folder_runs):
+    out, result = folder_runs[0]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted(r["id"] for r in rows) == ["rgba16", "sub/grey"]
+    assert {"sdedit_p_abnormal", "inversion_change", "diffedit_map_max"} <= set(rows[0])
+    skipped = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(open(out / "skipped.csv"))}
+    assert set(skipped) == {"truncated.jpg", "notes.png"} and all(skipped.values())
+    assert (out / "overlays" / "sdedit" / "sub" / "grey.png").is_file()
+    assert np.load(out / "maps" / "diffedit" / "rgba16.npy").shape == (64, 64)
+    assert not (out / "metrics.json").exists()  # no labels, nothing to score
+    assert len(result["skipped"]) == 2
+
+
+def test_same_seed_same_bytes(folder_runs):
+    (first, _), (second, _) = folder_runs
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file() and p.name != "config.yaml")
+    assert len(files) == 2 + 2 * 3 + 2 * 2 + 2 * 2  # CSVs, maps, counterfactuals, overlays
+    assert [f for f in files if (first / f).read_bytes() != (second / f).read_bytes()] == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("input=/no/such/folder", "input: /no/such/folder does not exist"),
+    ("map.kind=signed", "map.kind must be one of"),
+    ("methods=[sdedit,gradcam]", "unknown \\['gradcam'\\]"),
+    ("tune.split=test", "never tuned on the test split"),
+    ("sdedit.num_inference_steps=5", "sdedit.strength=0.1 of num_inference_steps=5 is less than one step"),
+])
+def test_bad_requests_fail_before_any_model_is_loaded(tmp_path, monkeypatch, override, message):
+    monkeypatch.setattr(counterfactual_attribution.CounterfactualPipeline, "from_checkpoint",
+                        lambda *a, **k: pytest.fail("a model was loaded"))
+    checkpoint = tmp_path / "fake.ckpt"
+    checkpoint.write_bytes(b"")
+    overrides = [f"checkpoint={checkpoint}", override] + (["tune.enabled=true"] if "tune" in override else [])
+    with pytest.raises(SystemExit, match=message):
+        counterfactual_attribution.main(overrides)
+
+
+def test_tuning_searches_the_validation_split(checkpoints, tmp_path):
+    report = run(checkpoints, tmp_path, "tune.enabled=true", "methods=[inversion]",
+                 "tune.num_images=4", "tune.inversion.inversion_depth=[0.5,1.0]", "tune.inversion.guidance_scale=[3.0]",
+                 "tune.map.kind=[positive]", "tune.map.sigma=[0.0,1.0]")
+    assert report["split"] == "val" and report["images"] == 4  # the first 4 val phantoms are all abnormal
+    assert len(report["trials"]) == 4  # 2 depths x 1 guidance x 1 kind x 2 sigmas
+    best = report["best"]["inversion"]
+    assert best["auprc"] == max(t["auprc"] for t in report["trials"])
+    assert json.loads((tmp_path / "tune.json").read_text())["best"]["inversion"] == best

@@ -1,0 +1,103 @@
+"""Training writes counterfactual grids, generation metrics and hparams to TensorBoard; experiments/evaluate.py
+writes the VALD-MD-style table of a checkpoint; bad requests stop before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import default_collate
+
+from datamodules.synthetic import FINDINGS, SyntheticCXRDataModule
+from experiments import evaluate, train
+from lightning_modules.metrics import evaluation_images
+from lightning_modules.pipeline import CounterfactualPipeline
+from tests.test_metrics import classifier_checkpoint
+
+FAST = ["num_images=8", "batch_size=4", "model.sampling.num_inference_steps=2", "fid.inception=false"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_vae_dir):
+    """A smoke training run of 2 steps with a validation after each, and a classifier for fid_domain."""
+    log_dir = tmp_path_factory.mktemp("logs")
+    classifier = classifier_checkpoint(log_dir / "classifier.ckpt", FINDINGS)
+    train.main(["experiment=smoke", f"log_dir={log_dir}", f"model.vae.path={tiny_vae_dir}", "trainer.max_steps=2",
+                "trainer.val_check_interval=1", "callbacks.samples.samples_per_prompt=1",
+                f"callbacks.generation_metrics.classifier_checkpoint={classifier}"])
+    return log_dir, classifier
+
+
+def test_training_logs_grids_generation_metrics_and_hparams(run):
+    log_dir, _ = run
+    (events_dir,) = (log_dir / "ldm").glob("version_*")
+    events = EventAccumulator(str(events_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    grids = events.Images("counterfactuals/rows")
+    assert [g.step for g in grids] == [1, 2]  # every validation, not the sanity check
+    assert (grids[0].height - 2) // (64 + 2) == 4  # input, counterfactual, attribution, lesion mask rows
+    scalars = set(events.Tags()["scalars"])
+    expected = {f"generation/{pair}/{name}" for pair in ("generated", "counterfactual")
+                for name in ("ssim", "ms_ssim", "fid_domain")}
+    assert expected <= scalars
+    assert len(events.Scalars("generation/counterfactual/ssim")) == 1  # every 2nd validation
+    assert 0.0 <= events.Scalars("generation/generated/ms_ssim")[0].value <= 1.0
+    assert {"hparams/val/loss", "hparams/generation/counterfactual/fid_domain"} <= scalars
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+
+
+def test_evaluate_writes_the_per_class_table_with_its_settings(run, tmp_path, capsys):
+    log_dir, classifier = run
+    checkpoint = log_dir / "ldm" / "checkpoints" / "last.ckpt"
+    report = evaluate.main([f"checkpoint={checkpoint}", f"classifier_checkpoint={classifier}",
+                            f"output_dir={tmp_path}", *FAST])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"])) and saved["num_images"] == 8
+    results = saved["results"]
+    assert list(results) == ["overall", "Normal", *FINDINGS]
+    assert results["overall"]["n"] == 8 and sum(results[c]["n"] for c in ("Normal", *FINDINGS)) >= 8
+    for pair in ("generated", "counterfactual"):
+        overall = results["overall"][pair]
+        assert 0 < overall["ssim"] <= 1 and 0 <= overall["ms_ssim"] <= 1 and overall["fid_domain"] > 0
+        assert overall["fid"] is None  # Inception FID off: kept as null, with the reason in the notes
+    assert any(note.startswith("fid skipped") for note in saved["notes"])
+    settings = saved["settings"]
+    assert settings["counterfactual"]["method"] == "sdedit" and settings["counterfactual"]["strength"] == 0.5
+    assert settings["generated"]["num_inference_steps"] == 2 and settings["ms_ssim"]["scales"] == 3
+    assert "fid_domain" in settings["fid_extractors"]
+
+    table = (tmp_path / "metrics.md").read_text()
+    assert table in capsys.readouterr().out
+    assert "| Class | n | FID (Inception) ↓ | FID (domain) ↓ | SSIM ↑ | MS-SSIM ↑ |" in table
+    assert "| **overall** | 8 |" in table and "strength 0.5" in table and "3 scales, 11-px" in table
+
+
+def test_each_image_gets_the_same_noise_whatever_its_batch(tiny_ldm):
+    """Per-image seeds: the numbers do not depend on batch size, order or DDP rank."""
+    pipeline = CounterfactualPipeline.from_module(tiny_ldm)
+    dataset = SyntheticCXRDataModule(num_val=4).dataset("val")
+    batch = default_collate([dataset[i] for i in range(4)])
+    settings = dict(generation={"num_inference_steps": 2, "guidance_scale": 3.0},
+                    counterfactual={"method": "sdedit", "num_inference_steps": 2, "strength": 0.5}, seed=3)
+    whole = evaluation_images(pipeline, batch, **settings)
+    reversed_halves = [evaluation_images(pipeline, {k: v[part] for k, v in batch.items()}, **settings)
+                       for part in (slice(2, 4), slice(0, 2))]
+    for pair in ("generated", "counterfactual"):
+        torch.testing.assert_close(torch.cat([h[pair] for h in reversed_halves[::-1]]), whole[pair],
+                                   atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(whole["generated"][0], whole["generated"][1], atol=1e-3)  # yet each its own noise
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint=/nonexistent/last.ckpt", "checkpoint: no file at /nonexistent/last.ckpt"),
+    ("counterfactual.method=paint", "counterfactual.method 'paint' is not one of sdedit, inversion"),
+    ("split=holdout", "split 'holdout'"),
+    ("fid.inception=true", "weights-inception-2015-12-05-6726825d.pth"),
+])
+def test_bad_requests_stop_before_any_model_is_loaded(override, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no Inception weights there
+    monkeypatch.setattr(evaluate.CounterfactualPipeline, "from_checkpoint",
+                        lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match=message):
+        evaluate.main([f"output_dir={tmp_path}", override])

@@ -1,0 +1,211 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionInpaintPipeline
+from PIL import Image
+
+from datamodules.synthetic import SyntheticCXRDataModule
+from datamodules.zones import split_lungs
+from experiments import zero_shot_induction
+from lightning_modules.induction import (RegionError, RegionSpec, feather_mask, inside_fraction, latent_mask,
+                                         parse_box, ssim_outside)
+from lightning_modules.latent_diffusion import NULL_PROMPT
+from lightning_modules.pipeline import CounterfactualPipeline
+
+PROMPT = "small nodule in the left lower zone"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_ldm):
+    return CounterfactualPipeline.from_module(tiny_ldm)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def regions():
+    """A box on the 4x latent grid: pixel and latent masks are both exactly 0/1."""
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[..., 32:48, 36:56] = 1
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------- blending step
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_induce_equals_diffusers_inpainting_with_a_plain_unet(pipeline, images, regions, strength):
+    """Peer equivalence: latent blending is StableDiffusionInpaintPipeline's path for 4-channel UNets, same noise,
+    same next-timestep re-noising, on the same VAE, UNet, DDIM and embeddings."""
+    settings = dict(strength=strength, num_inference_steps=3, guidance_scale=3.0)
+    ours = pipeline.induce(images, regions, PROMPT, generator=torch.Generator().manual_seed(7), paste=False,
+                           **settings)
+    peer = StableDiffusionInpaintPipeline(
+        vae=pipeline.vae, text_encoder=None, tokenizer=None, unet=pipeline.unet, scheduler=pipeline.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    peer.set_progress_bar_config(disable=True)
+    theirs = peer(
+        image=(images + 1) / 2, mask_image=regions, prompt_embeds=pipeline.prompt_encoder([PROMPT] * 2),
+        negative_prompt_embeds=pipeline.prompt_encoder([NULL_PROMPT] * 2), height=64, width=64,
+        generator=torch.Generator().manual_seed(7), output_type="pt", **settings,
+    ).images  # (B, 1, H, W) in [0, 1]
+    torch.testing.assert_close((ours.images + 1) / 2, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_blending_keeps_the_original_latent_outside_and_changes_the_inside(pipeline, images, regions):
+    out = pipeline.induce(images, regions, PROMPT, num_inference_steps=3, seed=5, paste=False)
+    original = pipeline.encode_image(images, torch.Generator().manual_seed(5), sample=True)  # the same first draw
+    inside = latent_mask(regions, original.shape[-2:]).bool().expand_as(original)
+    assert torch.equal(out.latents[~inside], original[~inside])
+    assert (out.latents[inside] - original[inside]).abs().mean() > 0.1
+    # in pixels: away from the region the result is the original's VAE round trip, up to what the decoder (with
+    # global attention in its middle block) mixes in from the changed latents; inside it is not
+    round_trip = pipeline.decode(original)
+    far = torch.ones_like(regions, dtype=torch.bool)
+    far[..., 24:56, 28:64] = False
+    assert (out.images - round_trip)[far].abs().mean() < 0.2 * (out.images - round_trip)[regions.bool()].abs().mean()
+
+
+def test_paste_returns_the_original_pixels_outside_the_feathered_region(pipeline, images, regions):
+    out = pipeline.induce(images, regions, PROMPT, num_inference_steps=2, seed=5, feather=1.5)
+    outside = feather_mask(regions, 1.5) == 0
+    assert torch.equal(out.images[outside], images[outside])
+    assert out.difference[regions.bool()].abs().mean() > 0.05
+    torch.testing.assert_close(out.difference, out.images - images)
+
+
+@pytest.mark.parametrize("masks, prompt, message", [
+    (torch.zeros(2, 1, 64, 64), PROMPT, "at least one pixel"),
+    (torch.ones(2, 1, 32, 32), PROMPT, "region_masks must be"),
+    (torch.ones(1, 1, 64, 64) * 2, PROMPT, "in \\[0, 1\\]"),
+    (torch.ones(1, 1, 64, 64), "  ", "prompt is empty"),
+])
+def test_induce_rejects_bad_regions_and_prompts(pipeline, images, masks, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.induce(images, masks, prompt, num_inference_steps=2)
+
+
+# ------------------------------------------------------------------------------------------------- regions
+
+
+def test_parse_box_accepts_text_and_lists_and_rejects_outside_or_empty_boxes():
+    assert parse_box("4, 8,20,30", 64) == (4, 8, 20, 30)
+    assert parse_box([0, 0, 64, 64], 64) == (0, 0, 64, 64)
+    for bad in ("10,10,70,20", "-1,0,5,5", "10,10,10,20", "20,10,10,30", "1,2,3", "a,b,c,d"):
+        with pytest.raises(RegionError):
+            parse_box(bad, 64)
+
+
+def test_region_spec_precedence_and_errors(tmp_path):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "empty.png")
+    full = np.zeros((32, 32), np.uint8)
+    full[8:16, 4:12] = 255
+    Image.fromarray(full).save(tmp_path / "mask.png")
+
+    with pytest.raises(RegionError, match="unknown zone 'left-bottom'"):
+        RegionSpec.parse(64, zone="left-bottom")
+    with pytest.raises(RegionError, match="no region"):
+        RegionSpec.parse(64)
+    with pytest.raises(RegionError, match="empty"):
+        RegionSpec.parse(64, mask_path=str(tmp_path / "empty.png"))
+    with pytest.raises(RegionError, match="cannot read"):
+        RegionSpec.parse(64, mask_path=str(tmp_path / "missing.png"))
+    with pytest.raises(RegionError, match="needs a lung mask"):
+        RegionSpec.parse(64, zone="left-lower").mask(64)
+
+    mask = RegionSpec.parse(64, zone="left-lower", mask_path=str(tmp_path / "mask.png")).mask(64)
+    assert mask.sum() == 16 * 16 and mask[16:32, 8:24].all()  # resized 2x, and the mask wins over the zone
+    box = RegionSpec.parse(64, zone="left-lower", box="1,2,5,10")
+    assert box.mask(64).sum() == 4 * 8 and box.location == ("left", "lower")
+
+
+def test_zone_regions_come_from_the_lung_mask():
+    dataset = SyntheticCXRDataModule(num_train=1, num_val=1, num_test=1).dataset("val")
+    lungs = dataset.phantom(0).lung_mask
+    region = RegionSpec.parse(64, zone="left-lower").mask(64, lungs)
+    left = split_lungs(lungs)[1]
+    assert region.any() and not (region & ~left).any()  # in the patient's left lung (the image's right) only
+    assert np.nonzero(region)[0].min() > np.nonzero(left)[0].mean()  # its lower part
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+
+def test_inside_fraction_is_the_share_of_absolute_change_in_the_region():
+    regions = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    regions[..., :4, :] = True
+    difference = torch.zeros(2, 1, 8, 8)
+    difference[0, 0, 0, 0], difference[0, 0, 7, 7] = 3.0, -1.0  # 3 of 4 inside
+    torch.testing.assert_close(inside_fraction(difference, regions), torch.tensor([0.75, 1.0]))
+
+
+def test_ssim_outside_ignores_the_region_and_sees_leaks():
+    originals = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    regions = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    regions[..., 20:40, 20:40] = True
+    changed_inside = torch.where(regions, originals + 1.0, originals)
+    assert ssim_outside(changed_inside, originals, regions).item() == pytest.approx(1.0, abs=1e-5)
+    leaked = changed_inside + 0.3 * torch.randn(originals.shape, generator=torch.Generator().manual_seed(1))
+    assert ssim_outside(leaked, originals, regions).item() < 0.9
+
+
+# --------------------------------------------------------------------------------------------------- script
+
+
+@pytest.fixture
+def no_model(monkeypatch, tmp_path):
+    """A checkpoint path that exists, and a loader that fails the test if anything tries to load a model."""
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(CounterfactualPipeline, "from_checkpoint", load)
+    (tmp_path / "model.ckpt").touch()
+    return [f"checkpoint={tmp_path / 'model.ckpt'}", f"output_dir={tmp_path / 'out'}"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["box=40,40,80,60"], "outside the 64x64 image"),
+    (["zone=left-bottom"], "unknown zone"),
+    (["prompt=' '"], "prompt is empty"),
+    (["finding=fracture"], "unknown finding 'fracture'"),
+    (["strength=1.5"], "strength"),
+    (["input=/nonexistent/film.png", "box=1,1,9,9"], "no image file"),
+    (["input=/nonexistent/film.png"], "needs lung masks"),
+])
+def test_script_rejects_bad_arguments_before_loading_a_model(no_model, overrides, message):
+    with pytest.raises(SystemExit, match=message):
+        zero_shot_induction.main([*no_model, *overrides])
+
+
+def test_script_rejects_an_empty_mask_before_loading_a_model(no_model, tmp_path):
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "empty.png")
+    with pytest.raises(SystemExit, match="empty"):
+        zero_shot_induction.main([*no_model, f"mask_path={tmp_path / 'empty.png'}"])
+
+
+def test_script_writes_images_panels_and_metrics(tiny_ldm, monkeypatch, tmp_path):
+    monkeypatch.setattr(CounterfactualPipeline, "from_checkpoint",
+                        lambda *args, **kwargs: CounterfactualPipeline.from_module(tiny_ldm))
+    (tmp_path / "model.ckpt").touch()
+    metrics = zero_shot_induction.main([
+        f"checkpoint={tmp_path / 'model.ckpt'}", f"output_dir={tmp_path / 'out'}",
+        "classifier_checkpoint=null", "num_images=2", "seeds=[0,1]", "num_inference_steps=2", "finding=effusion",
+        "zone=right-lower", "feather=1.0",
+    ])
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["prompt"] == "right pleural effusion" and len(saved["per_sample"]) == 4
+    assert 0.0 < saved["inside_fraction"] <= 1.0 and 0.0 < saved["ssim_outside"] <= 1.0
+    assert saved["classifier_prob_before"] is None and metrics["inside_fraction"] == saved["inside_fraction"]
+    ids = {r["id"] for r in saved["per_sample"]}
+    for name in ids:
+        assert (tmp_path / "out" / "panels" / f"{name}.png").is_file()
+        for seed in (0, 1):
+            assert (tmp_path / "out" / "induced" / f"{name}_seed{seed}.png").is_file()
+            difference = np.load(tmp_path / "out" / "difference" / f"{name}_seed{seed}.npy")
+            assert difference.shape == (64, 64) and np.abs(difference).max() > 0
