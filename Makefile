@@ -38,6 +38,9 @@ test-slow: $(STAMP)
 train-autoencoder: $(STAMP)
 	$(PY) experiments/train_autoencoder.py $(TRAIN_OVERRIDES)
 
+train-classifier: $(STAMP)
+	$(PY) experiments/train_classifier.py $(TRAIN_OVERRIDES)
+
 train: $(STAMP)
 	$(PY) experiments/train.py $(TRAIN_OVERRIDES)
 

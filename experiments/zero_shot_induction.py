@@ -35,7 +35,11 @@ from lightning_modules.induction import RegionError, RegionSpec, inside_fraction
 from lightning_modules.overlays import save_array, save_gray_png
 from lightning_modules.pipeline import CounterfactualPipeline
 
-SCORES = ("inside_fraction", "ssim_outside", "classifier_prob_before", "classifier_prob_after")
+#: means reported in metrics.json. The first four score the output; the ``edit_`` ones the latent blend alone (the
+#: decoded result before the paste against the original's VAE round trip), and ``round_trip_ssim_outside`` the
+#: autoencoder's own error, which the paste removes.
+SCORES = ("inside_fraction", "ssim_outside", "classifier_prob_before", "classifier_prob_after",
+          "edit_inside_fraction", "edit_ssim_outside", "round_trip_ssim_outside")
 
 
 @dataclass
@@ -164,9 +168,12 @@ def induce_all(cfg: DictConfig, pipeline: CounterfactualPipeline, probability, i
         for lo in range(0, len(inputs.ids), cfg.batch_size):
             images, regions = inputs.images[lo:lo + cfg.batch_size], inputs.regions[lo:lo + cfg.batch_size]
             result = pipeline.induce(images, regions.float(), prompt, seed=seed, **settings)
-            induced = result.images.cpu()
+            induced, decoded, round_trip = result.images.cpu(), result.decoded.cpu(), result.round_trip.cpu()
             scores = {"inside_fraction": inside_fraction(result.difference.cpu(), regions),
-                      "ssim_outside": ssim_outside(induced, images, regions)}
+                      "ssim_outside": ssim_outside(induced, images, regions),
+                      "edit_inside_fraction": inside_fraction(decoded - round_trip, regions),
+                      "edit_ssim_outside": ssim_outside(decoded, round_trip, regions),
+                      "round_trip_ssim_outside": ssim_outside(round_trip, images, regions)}
             if probability is not None:
                 scores["classifier_prob_before"], scores["classifier_prob_after"] = \
                     probability(torch.cat([images, induced])).chunk(2)

@@ -119,12 +119,16 @@ def feather_mask(masks: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def latent_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 1, H, W) pixel masks -> (B, 1, h, w) at latent resolution: the share of each latent's pixels covered.
+    """(B, 1, H, W) pixel masks in [0, 1] -> (B, 1, h, w) binary masks at latent resolution.
 
-    Area averaging rather than the nearest-pixel resize of diffusers' inpainting pipeline: a latent cell that the
-    region covers half is half blended, instead of all or nothing depending on which corner pixel is sampled.
+    A latent cell is inside when the region covers at least half its pixels (area average), and every region keeps
+    its best-covered cell, however small. Binary like diffusers' inpainting mask, but without the bias of its
+    nearest-pixel resize (which samples one corner pixel per cell); and not soft, because blending two noisy latents
+    with a weight in (0, 1) shrinks their noise and the model then draws a washed-out finding.
     """
-    return F.interpolate(masks, size=size, mode="area")
+    coverage = F.interpolate(masks, size=size, mode="area")
+    best = coverage.amax(dim=(2, 3), keepdim=True)
+    return ((coverage >= 0.5) | ((coverage >= best) & (best > 0))).to(masks.dtype)
 
 
 # --------------------------------------------------------------------------------------------------- metrics

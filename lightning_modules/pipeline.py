@@ -40,6 +40,8 @@ class InductionOutput:
     images: torch.Tensor  # (B, 1, H, W) normal images with the finding induced, in [-1, 1]
     latents: torch.Tensor  # (B, C, h, w) their latents: the original's outside the region
     difference: torch.Tensor  # (B, 1, H, W) signed map x_induced - x_normal
+    decoded: torch.Tensor  # (B, 1, H, W) the blended latents decoded, before any paste
+    round_trip: torch.Tensor  # (B, 1, H, W) the original latent decoded: decoded - round_trip is the edit alone
 
 
 class CounterfactualPipeline:
@@ -205,7 +207,7 @@ class CounterfactualPipeline:
 
     @torch.no_grad()
     def induce(self, images: torch.Tensor, region_masks: torch.Tensor, prompt: str | list[str],
-               strength: float = 0.8, guidance_scale: float = 3.0, num_inference_steps: int = 50,
+               strength: float = 1.0, guidance_scale: float = 5.0, num_inference_steps: int = 25,
                generator: torch.Generator | None = None, seed: int | None = None, feather: float = 0.0,
                paste: bool = True) -> InductionOutput:
         """Zero-shot localized disease induction (method.md §3): normal images (B, 1, H, W) in [-1, 1], regions
@@ -214,9 +216,10 @@ class CounterfactualPipeline:
         The UNet was never trained to inpaint, so the region is imposed by latent blending, exactly as diffusers'
         ``StableDiffusionInpaintPipeline`` does for 4-channel UNets (tests check the outputs are equal): after every
         step the latent outside the region is replaced by the original latent re-noised, with the starting noise, to
-        the *next* timestep (after the last step, the original latent itself). ``feather`` (pixels) softens the
-        region's edge; ``paste`` then lays the decoded result over the original pixels through that mask, so outside
-        the region the image is the original rather than its VAE round trip.
+        the *next* timestep (after the last step, the original latent itself). The region reaches latent resolution
+        as a binary mask (``latent_mask``). ``feather`` (pixels) softens the region's edge; ``paste`` then lays the
+        decoded result over the original pixels through that mask, so outside the region the image is the original
+        rather than its VAE round trip (whose error outside the region can exceed the edit inside it).
         """
         self.check_induction_inputs(images, region_masks, prompt, strength, num_inference_steps)
         if generator is None and seed is not None:
@@ -242,10 +245,9 @@ class CounterfactualPipeline:
                 self.scheduler.add_noise(original, noise, timesteps[i + 1:i + 2].repeat(batch_size))
             latents = mask * latents + (1 - mask) * known
 
-        induced = self.decode(latents)
-        if paste:
-            induced = masks * induced + (1 - masks) * images
-        return InductionOutput(induced, latents, signed_map(induced, images))
+        decoded = self.decode(latents)
+        induced = masks * decoded + (1 - masks) * images if paste else decoded
+        return InductionOutput(induced, latents, signed_map(induced, images), decoded, self.decode(original))
 
     @staticmethod
     def _prompts(prompt: str | list[str], batch_size: int) -> list[str]:
