@@ -14,6 +14,7 @@ image by latent blending, as diffusers' ``StableDiffusionInpaintPipeline`` does 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,11 @@ class CounterfactualPipeline:
             raise ValueError(f"strength and inversion_depth must be in (0, 1], got {strength}, {inversion_depth}")
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be at least 1")
+        fraction = strength if method == "sdedit" else inversion_depth
+        if int(num_inference_steps * fraction) < 1:
+            name = "strength" if method == "sdedit" else "inversion_depth"
+            raise ValueError(f"{name} {fraction} of {num_inference_steps} steps runs no denoising step: "
+                             f"raise {name} or num_inference_steps to at least {math.ceil(1 / fraction)}")
 
     # 2. encode prompt -----------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], guidance_scale: float) -> torch.Tensor:

@@ -86,6 +86,8 @@ def test_sdedit_depends_on_the_seed(pipeline, images):
     ({"strength": 0.0}, "strength"),
     ({"inversion_depth": 1.5}, "inversion_depth"),
     ({"num_inference_steps": 0}, "at least 1"),
+    ({"method": "sdedit", "strength": 0.1, "num_inference_steps": 5}, "strength 0.1 of 5 steps runs no denoising"),
+    ({"inversion_depth": 0.2, "num_inference_steps": 4}, "at least 5"),
 ])
 def test_bad_arguments_are_refused(pipeline, images, kwargs, message):
     with pytest.raises(ValueError, match=message):
