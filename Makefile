@@ -20,7 +20,7 @@ TRAIN_OVERRIDES = $(if $(filter gpu,$(ACCELERATOR)),trainer=gpu) \
 	trainer.accelerator=$(ACCELERATOR) trainer.devices=$(DEVICES) trainer.num_nodes=$(NODES) \
 	$(if $(DDP),trainer.strategy=ddp) $(ARGS)
 
-.PHONY: lock install test test-slow demo train train-autoencoder train-classifier tensorboard bench clean
+.PHONY: lock install test test-slow demo demo-covid-layout train train-autoencoder train-classifier tensorboard bench clean
 
 $(STAMP): setup.cfg requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,11 +47,21 @@ train: $(STAMP)
 demo: $(STAMP)
 	bash experiments/demo.sh
 
+# After `make demo`: the real-data path (CovidRadiographyDataModule, its split, its prompts) on phantoms written to
+# disk in the COVID-19 Radiography Database layout, lesion masks beside them, scored like the synthetic run.
+COVID_PHANTOMS := data/phantoms_covid_layout
+COVID_DATA := data=covid_radiography data.root=$(COVID_PHANTOMS) data.image_size=64 data.num_workers=0
+demo-covid-layout: $(STAMP)
+	rm -rf $(COVID_PHANTOMS) outputs/demo/covid_layout
+	$(PY) -m datamodules.synthetic --out $(COVID_PHANTOMS) --split test --num 1280
+	$(PY) experiments/counterfactual_attribution.py $(COVID_DATA) progress=false output_dir=outputs/demo/covid_layout/attribution
+	$(PY) experiments/evaluate.py $(COVID_DATA) output_dir=outputs/demo/covid_layout/evaluation
+
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1 --port $(or $(PORT),6006)
 
 clean:
-	rm -rf logs outputs .pytest_cache build *.egg-info
+	rm -rf logs outputs .pytest_cache build *.egg-info $(COVID_PHANTOMS)
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
 lock: $(STAMP)

@@ -37,6 +37,7 @@ from lightning_modules.attribution import attribution_map, normalize_per_image, 
 from lightning_modules.baselines import diffedit_map, mean_healthy_image, reconstruct
 from lightning_modules.classifier import FindingClassifier
 from lightning_modules.localization import OVERALL, CounterfactualScores, LocalizationScores
+from lightning_modules.metrics import spread_indices
 from lightning_modules.overlays import save_array, save_gray_png, save_overlay
 from lightning_modules.pipeline import METHODS as PIPELINE_METHODS
 from lightning_modules.pipeline import CounterfactualPipeline
@@ -121,9 +122,8 @@ def folder_batches(files: list[Path], root: Path, size: int, batch_size: int, re
                    "path": [k[1] for k in kept]}
 
 
-def dataset_batches(dataset: Dataset, num_images: int | None, batch_size: int, num_workers: int) -> Iterator[dict]:
-    """The first ``num_images`` samples in order, each batch with the samples' ``index`` into ``dataset``."""
-    indices = list(range(len(dataset) if num_images is None else min(num_images, len(dataset))))
+def dataset_batches(dataset: Dataset, indices: list[int], batch_size: int, num_workers: int) -> Iterator[dict]:
+    """The samples at ``indices``, in order, each batch with the samples' ``index`` into ``dataset``."""
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     for start, batch in zip(range(0, len(indices), batch_size), loader):
         batch["index"] = indices[start:start + len(batch["id"])]
@@ -374,7 +374,8 @@ def select(batch: dict, rows: torch.Tensor) -> dict:
 # 7. tuning on the validation split --------------------------------------------------------------------------------
 def tune(cfg: DictConfig, models: Models, dataset: Dataset, finding_names: tuple[str, ...], out: Path) -> dict:
     """Grid search of our methods' settings and the map on ``tune.split`` by pixel AUPRC of abnormal images."""
-    batches = [b for b in dataset_batches(dataset, cfg.tune.num_images, cfg.batch_size, 0) if scored_rows(b).any()]
+    first = range(min(cfg.tune.num_images, len(dataset)))
+    batches = [b for b in dataset_batches(dataset, list(first), cfg.batch_size, 0) if scored_rows(b).any()]
     batches = [select(b, scored_rows(b)) for b in batches]
     maps = list(itertools.product(cfg.tune.map.kind, cfg.tune.map.sigma))
     trials = []
@@ -455,8 +456,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.time()
     if dataset is not None:
-        n = len(dataset) if cfg.num_images is None else min(cfg.num_images, len(dataset))
-        batches = dataset_batches(dataset, n, cfg.batch_size, datamodule.num_workers)
+        indices = spread_indices(len(dataset), cfg.num_images)  # every class its share in class-ordered datasets
+        n = len(indices)
+        batches = dataset_batches(dataset, indices, cfg.batch_size, datamodule.num_workers)
     else:
         files = files[: cfg.num_images]
         n = len(files)

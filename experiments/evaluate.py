@@ -1,5 +1,6 @@
 """Generation quality of a stage-2 checkpoint in the layout of VALD-MD's tables: per class and overall, FID, SSIM and
-MS-SSIM of generated vs real images and of healthy counterfactuals vs their inputs, with the settings beside them.
+MS-SSIM of generated vs real images and of healthy counterfactuals vs their inputs, with the settings beside them;
+and prompt fidelity: whether the finding classifier sees in the generated images what their prompts name.
 
     python experiments/evaluate.py [checkpoint=...] [data=covid_radiography data.root=...] [num_images=null] \
         [counterfactual.method=inversion] [fid.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth]
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -21,8 +22,10 @@ from tqdm import tqdm
 
 from configs import instantiate
 from experiments.runner import load_config
+from lightning_modules.classifier import ABNORMAL, FindingClassifier
 from lightning_modules.metrics import (NORMAL, OVERALL, PAIRS, GenerationMetrics, build_extractors,
-                                       evaluation_images, find_inception_weights, image_groups, spread_indices)
+                                       evaluation_images, find_inception_weights, image_groups, prompt_fidelity,
+                                       spread_indices)
 from lightning_modules.pipeline import METHODS, CounterfactualPipeline
 
 SPLITS = ("train", "val", "test")
@@ -61,6 +64,14 @@ def device_of(accelerator: str) -> torch.device:
 
 
 # 2. measure ---------------------------------------------------------------------------------------------------------
+def fidelity_columns(classifier: FindingClassifier, finding_names: Sequence[str]) -> list[int]:
+    """The classifier's output index of each of the data's findings, then of "abnormal"."""
+    try:
+        return [classifier.index(name) for name in (*finding_names, ABNORMAL)]
+    except ValueError as err:
+        raise SystemExit(f"evaluate: classifier_checkpoint was not trained on this data's findings: {err}") from None
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     L.seed_everything(cfg.seed, verbose=False)
@@ -80,16 +91,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = GenerationMetrics((NORMAL, *datamodule.finding_names), datamodule.image_size, extractors).to(device)
     generation = OmegaConf.to_container(cfg.generation, resolve=True)
     counterfactual = OmegaConf.to_container(cfg.counterfactual, resolve=True)
+    # prompt fidelity reuses fid_domain's classifier, its outputs in the data's finding order then "abnormal"
+    classifier = extractors["fid_domain"].classifier if "fid_domain" in extractors else None
+    columns = fidelity_columns(classifier, datamodule.finding_names) if classifier is not None else None
+    scores: dict[str, list[torch.Tensor]] = {"generated": [], "real": []}  # (B, K + 1) per batch
+    labels, label_masks = [], []
 
     for batch in tqdm(loader, desc=f"evaluate {cfg.split}", unit="batch"):
         real = batch["image"].to(device)
         fakes = evaluation_images(pipeline, {**batch, "image": real}, generation, counterfactual, cfg.seed)
         metrics.update(real, image_groups(batch["label"], datamodule.finding_names), **fakes)
+        if classifier is not None:
+            for images, x in (("generated", fakes["generated"]), ("real", real)):
+                scores[images].append(classifier.probabilities(x)[:, columns].cpu())
+            labels.append(batch["label"])
+            label_masks += [batch["label_mask"]] if "label_mask" in batch else []
 
     results = metrics.compute()
     for values in results.values():  # a skipped FID stays in the table as null, its reason in "notes"
         for pair in metrics.pairs:
             values[pair].update({name: None for name in skipped})
+    notes = [f"{name} skipped: {reason}" for name, reason in skipped.items()]
+    fidelity = None
+    if classifier is None:
+        notes.append(f"prompt_fidelity skipped: {skipped['fid_domain']}")
+    else:
+        fidelity = prompt_fidelity({images: torch.cat(s) for images, s in scores.items()}, torch.cat(labels),
+                                   datamodule.finding_names, torch.cat(label_masks) if label_masks else None)
     return {
         "checkpoint": str(cfg.checkpoint), "data": cfg.data.name, "split": cfg.split, "num_images": len(indices),
         "image_size": datamodule.image_size,
@@ -99,14 +127,37 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "seed": cfg.seed, "noise": "per image: seed + crc32(image id)",
             "scheduler": "DDIM", **metrics.settings(),
         },
-        "notes": [f"{name} skipped: {reason}" for name, reason in skipped.items()],
+        "notes": notes,
         "results": results,
+        "prompt_fidelity": fidelity,
     }
 
 
 # 3. report ----------------------------------------------------------------------------------------------------------
 def _cell(value: float | None, digits: str) -> str:
     return "n/a" if value is None else format(value, digits)
+
+
+def fidelity_markdown(report: dict[str, Any]) -> list[str]:
+    """Per class: the classifier's mean output on samples whose prompt names it vs on the reference samples, the
+    AUROC between them, and the same on the real images (the classifier's own ceiling)."""
+    fidelity = report["prompt_fidelity"]
+    if fidelity is None:
+        return []
+    header = ["Prompt names", "Classifier output", "n (vs reference)", "Samples: p prompted", "p reference", "AUROC",
+              "Real: p prompted", "p reference", "AUROC (ceiling)"]
+    lines = ["## Prompt fidelity of the generated images (finding classifier)", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    for name, row in fidelity.items():
+        values = [_cell(row[images][key], ".3f") for images in ("generated", "real")
+                  for key in ("p_prompted", "p_reference", "auroc")]
+        lines.append("| " + " | ".join([name, f"p({row['score']})", f"{row['n']} vs {row['n_reference']} "
+                                        f"{row['reference']}", *values]) + " |")
+    return lines + ["", "Samples: the generated images above, each prompted with its real image's prompt. A finding's "
+                    "row: samples whose prompt names it vs normal-prompted samples; Normal's row: p(abnormal) on "
+                    "normal-prompted samples vs on finding-prompted ones. AUROC: how well that output separates the "
+                    "two sets (finding side positive); on the real images, what the classifier itself reaches. An "
+                    "image with several findings counts for each.", ""]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -144,6 +195,7 @@ def markdown(report: dict[str, Any]) -> str:
               "renormalised). SSIM/MS-SSIM pairs: each generated image with the real image whose prompt it got; "
               "each counterfactual with its input. Classes: Normal = no finding; an image with several findings "
               "counts in each.", ""]
+    lines += fidelity_markdown(report)
     lines += [f"Note: {note}" for note in report["notes"]]
     return "\n".join(lines).rstrip() + "\n"
 

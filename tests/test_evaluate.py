@@ -12,7 +12,7 @@ from torch.utils.data import default_collate
 
 from datamodules.synthetic import FINDINGS, SyntheticCXRDataModule
 from experiments import evaluate, train
-from lightning_modules.metrics import evaluation_images
+from lightning_modules.metrics import evaluation_images, prompt_fidelity
 from lightning_modules.pipeline import CounterfactualPipeline
 from tests.test_metrics import classifier_checkpoint
 
@@ -71,6 +71,54 @@ def test_evaluate_writes_the_per_class_table_with_its_settings(run, tmp_path, ca
     assert table in capsys.readouterr().out
     assert "| Class | n | FID (Inception) ↓ | FID (domain) ↓ | SSIM ↑ | MS-SSIM ↑ |" in table
     assert "| **overall** | 8 |" in table and "strength 0.5" in table and "3 scales, 11-px" in table
+
+    fidelity = saved["prompt_fidelity"]  # from the same generated images, scored by the same classifier
+    assert list(fidelity) == [*FINDINGS, "Normal"] and fidelity["Normal"]["score"] == "abnormal"
+    normal = fidelity["Normal"]
+    assert normal["n"] == results["Normal"]["n"] and normal["n"] + normal["n_reference"] == 8
+    for row in fidelity.values():
+        for images in ("generated", "real"):
+            assert row[images]["p_reference"] is None or 0 <= row[images]["p_reference"] <= 1
+    assert "## Prompt fidelity of the generated images (finding classifier)" in table
+    assert f"| Normal | p(abnormal) | {normal['n']} vs {normal['n_reference']} any finding |" in table
+
+
+def test_evaluate_without_a_classifier_skips_prompt_fidelity_with_a_note(run, tmp_path):
+    log_dir, _ = run
+    report = evaluate.main([f"checkpoint={log_dir / 'ldm' / 'checkpoints' / 'last.ckpt'}", f"output_dir={tmp_path}",
+                            f"classifier_checkpoint={tmp_path / 'none.ckpt'}", *FAST, "num_images=2"])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert "prompt_fidelity" in saved and saved["prompt_fidelity"] is None
+    assert f"prompt_fidelity skipped: no classifier checkpoint at {tmp_path / 'none.ckpt'}" in report["notes"][-1]
+    assert "Prompt fidelity" not in (tmp_path / "metrics.md").read_text()
+
+
+def test_prompt_fidelity_compares_each_prompt_with_its_reference():
+    """Hand-made scores: per finding, p(f) on images naming f vs on normal ones; for Normal, p(abnormal)."""
+    names = ("nodule", "effusion", "mass")
+    labels = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 0]]).float()
+    generated = torch.tensor([  # p(nodule), p(effusion), p(mass), p(abnormal)
+        [0.9, 0.1, 0.2, 0.8], [0.2, 0.3, 0.1, 0.3], [0.5, 0.1, 0.3, 0.6], [0.4, 0.7, 0.2, 0.9], [0.1, 0.2, 0.2, 0.4]])
+    real = torch.cat([labels, labels.amax(1, keepdim=True)], 1) * 0.6 + 0.2  # separates every set perfectly
+    fidelity = prompt_fidelity({"generated": generated, "real": real}, labels, names)
+
+    nodule, effusion, normal = fidelity["nodule"], fidelity["effusion"], fidelity["Normal"]
+    assert (nodule["n"], nodule["n_reference"], nodule["reference"]) == (2, 2, "Normal")
+    assert nodule["generated"] == pytest.approx({"p_prompted": 0.65, "p_reference": 0.35, "auroc": 0.75})
+    assert effusion["generated"] == pytest.approx({"p_prompted": 0.45, "p_reference": 0.2, "auroc": 0.75})
+    # Normal: p(abnormal) on the 2 normal images vs the 3 with a finding; 5 of the 6 pairs ordered as they should be
+    assert (normal["score"], normal["n"], normal["n_reference"]) == ("abnormal", 2, 3)
+    assert normal["generated"] == pytest.approx({"p_prompted": 0.45, "p_reference": 0.7, "auroc": 5 / 6})
+    assert nodule["real"]["auroc"] == effusion["real"]["auroc"] == normal["real"]["auroc"] == 1.0
+    assert fidelity["mass"]["n"] == 0 and fidelity["mass"]["generated"]["auroc"] is None  # nothing prompted with it
+    assert fidelity["mass"]["generated"]["p_reference"] == pytest.approx(0.2)
+
+    # an image with an unknown label is normal for no one: image 2 leaves every reference set
+    mask = torch.ones_like(labels)
+    mask[2, 1] = 0
+    masked = prompt_fidelity({"generated": generated}, labels, names, mask)
+    assert masked["nodule"]["n_reference"] == 1 and masked["nodule"]["generated"]["auroc"] == 1.0
+    assert masked["Normal"]["generated"]["p_prompted"] == pytest.approx(0.3)
 
 
 def test_each_image_gets_the_same_noise_whatever_its_batch(tiny_ldm):
