@@ -14,11 +14,11 @@ step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 step "stage 1: autoencoder"
 $PY experiments/train_autoencoder.py log_dir=$LOGS trainer.enable_progress_bar=false "$@"
 
+step "independent finding classifier (before stage 2, whose FID curves use its features; also saliency, validity, induction effect)"
+$PY experiments/train_classifier.py log_dir=$LOGS trainer.enable_progress_bar=false "$@"
+
 step "stage 2: latent diffusion model"
 $PY experiments/train.py log_dir=$LOGS model.vae.path=$LOGS/autoencoder/vae trainer.enable_progress_bar=false "$@"
-
-step "independent finding classifier (saliency baseline, validity, fid_domain, induction effect)"
-$PY experiments/train_classifier.py log_dir=$LOGS trainer.enable_progress_bar=false "$@"
 
 step "healthy counterfactuals and attribution maps on held-out phantoms"
 $PY experiments/counterfactual_attribution.py output_dir=$OUT/attribution
