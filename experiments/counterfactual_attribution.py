@@ -166,6 +166,7 @@ def checkpoint_image_size(path: str) -> int:
 class MethodOutput:
     counterfactual01: torch.Tensor | None  # (B, 1, H, W) in [0, 1]
     map: torch.Tensor  # (B, 1, H, W) non-negative: grey-level units for counterfactual methods
+    latent_error: torch.Tensor | None = None  # (B,) ||z_rec - z_0|| / ||z_0||: the guidance-0 round trip's error
 
 
 def run_method(method: str, images: torch.Tensor, prompts: list[str] | None, models: Models, cfg: DictConfig,
@@ -181,8 +182,12 @@ def run_method(method: str, images: torch.Tensor, prompts: list[str] | None, mod
                                    **params).images
     elif method == "reconstruction":
         params = OmegaConf.to_container(cfg[cfg.baselines.reconstruction.method])
-        counterfactuals = reconstruct(pipeline, images, cfg.baselines.reconstruction.method, generator=generator,
-                                      **params).images
+        output = reconstruct(pipeline, images, cfg.baselines.reconstruction.method, generator=generator, **params)
+        cf01 = to_unit_range(output.images.cpu())
+        reference = pipeline.encode_image(images)  # the posterior mean, which inversion starts from
+        latent_error = (output.latents - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
+        return MethodOutput(cf01, attribution_map(signed_map(to_unit_range(images.cpu()), cf01), kind, sigma),
+                            latent_error.cpu())
     elif method == "mean_healthy":
         counterfactuals = models.mean_healthy.to(device).expand_as(images)
     elif method == "diffedit":
@@ -224,6 +229,7 @@ def process(cfg: DictConfig, models: Models, batches: Iterator[dict], total: int
     counterfactual_scores = {m: CounterfactualScores() for m in methods if m in COUNTERFACTUAL_METHODS}
     rows, labelled, counts = [], False, {"images": 0, "abnormal": 0, "scored": 0}
     sensitivity = MeanMetric()  # abnormal inputs the classifier calls abnormal: what validity is measured against
+    latent_error = MeanMetric()  # the reconstruction baseline's round trip, healthy and abnormal inputs alike
     for b, batch in enumerate(tqdm(batches, total=total, desc="attribution", unit="batch",
                                    disable=not cfg.progress)):
         images, ids = batch["image"], batch["id"]
@@ -242,6 +248,8 @@ def process(cfg: DictConfig, models: Models, batches: Iterator[dict], total: int
         for method in methods:
             output = run_method(method, images, batch.get("prompt"), models, cfg, cfg.seed + b)
             scores01 = normalize_per_image(output.map)
+            if output.latent_error is not None:
+                latent_error.update(output.latent_error)
             p_cf = None
             if output.counterfactual01 is not None:
                 p_cf = abnormal_probability(models, to_model_range(output.counterfactual01))
@@ -266,6 +274,8 @@ def process(cfg: DictConfig, models: Models, batches: Iterator[dict], total: int
         rows.extend(batch_rows)
     if sensitivity.update_count:
         counts["classifier_sensitivity"] = float(sensitivity.compute())
+    if latent_error.update_count:
+        counts["reconstruction_latent_error"] = float(latent_error.compute())
     results = {"counts": counts, "labelled": labelled, "localization": localization.compute(),
                "counterfactual": {m: s.compute() for m, s in counterfactual_scores.items()}}
     return rows, results
@@ -349,6 +359,11 @@ def markdown(summary: dict, finding_names: tuple[str, ...]) -> str:
               "inputs (grey range [0, 1])."]
     if "classifier_sensitivity" in summary:
         lines.append(f"The classifier calls {summary['classifier_sensitivity']:.1%} of the abnormal inputs abnormal.")
+    if "reconstruction_latent_error" in summary:
+        settings = summary["settings"]
+        method = settings["baselines"]["reconstruction"]["method"]
+        lines.append(f"Reconstruction baseline ({method} {settings[method]}, guidance 0): relative latent error "
+                     f"||z_rec - z_0|| / ||z_0|| = {summary['reconstruction_latent_error']:.4f} on average.")
     lines += [f"note: {n}" for n in summary["notes"]]
     return "\n".join(lines) + "\n"
 

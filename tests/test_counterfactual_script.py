@@ -51,8 +51,9 @@ def test_split_with_masks_writes_metrics_for_every_method(checkpoints, tmp_path)
     assert "validity" not in metrics["methods"]["diffedit"]
     assert metrics["images"] == 4 and metrics["scored"] == metrics["abnormal"] == 2
     assert set(metrics["per_finding"]["inversion"]) <= {"nodule", "ground_glass", "consolidation", "effusion"}
+    assert 0 < metrics["reconstruction_latent_error"] < 2  # a 2-step round trip of a smoke model: far from exact
     table = (out / "metrics.md").read_text()
-    assert "| inversion |" in table and "| saliency |" in table
+    assert "| inversion |" in table and "| saliency |" in table and "relative latent error" in table
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["id"] for r in rows] == [f"test-{i:06d}" for i in range(4)]
