@@ -9,24 +9,37 @@ OUT=outputs/demo
 rm -rf "$LOGS" "$OUT"
 mkdir -p "$OUT"
 start=$(date +%s)
-step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
+last=$start
+current=""
+# each step's wall time goes to $OUT/timings.tsv, which experiments/demo_report.py turns into the report's first table
+step() {
+  local now; now=$(date +%s)
+  [ -n "$current" ] && printf '%s\t%s\n' "$current" "$(( now - last ))" >> "$OUT/timings.tsv"
+  current="$1"; last=$now
+  echo; echo "== [$(( now - start ))s] $*"
+}
 
 step "stage 1: autoencoder"
 $PY experiments/train_autoencoder.py log_dir=$LOGS trainer.enable_progress_bar=false "$@"
 
-step "independent finding classifier (before stage 2, whose FID curves use its features; also saliency, validity, induction effect)"
+# the independent classifier comes before stage 2, whose fid_domain curves use its features (and scores the rest)
+step "finding classifier"
 $PY experiments/train_classifier.py log_dir=$LOGS trainer.enable_progress_bar=false "$@"
 
-step "stage 2: latent diffusion model"
+step "stage 2: latent diffusion"
 $PY experiments/train.py log_dir=$LOGS model.vae.path=$LOGS/autoencoder/vae trainer.enable_progress_bar=false "$@"
 
-step "healthy counterfactuals and attribution maps on held-out phantoms"
+step "attribution (held-out phantoms)"
 $PY experiments/counterfactual_attribution.py output_dir=$OUT/attribution
 
-step "generation quality (FID / SSIM / MS-SSIM) on held-out phantoms"
+step "evaluation: FID / SSIM / MS-SSIM, prompt fidelity"
 $PY experiments/evaluate.py output_dir=$OUT/evaluation
 
-step "zero-shot localized disease induction on held-out normal phantoms"
-$PY experiments/zero_shot_induction.py output_dir=$OUT/induction
+step "zero-shot induction (4 findings)"
+for spec in nodule:left-lower ground_glass:right-middle consolidation:right-lower effusion:left-lower; do
+  $PY experiments/zero_shot_induction.py finding=${spec%%:*} zone=${spec##*:} output_dir=$OUT/induction/${spec%%:*}
+done
 
-step "done in $(( $(date +%s) - start ))s: TensorBoard logs in $LOGS, results in $OUT"
+step "report"
+$PY experiments/demo_report.py "$OUT" > /dev/null
+step "done in $(( $(date +%s) - start ))s: TensorBoard logs in $LOGS, results in $OUT (summary: $OUT/report.md)"

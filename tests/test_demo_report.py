@@ -1,0 +1,36 @@
+"""The demo's one-page report: built from the files the demo's scripts write, refusing when they are missing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import demo_report
+
+
+def test_report_collects_timings_tables_and_induction_means(tmp_path):
+    (tmp_path / "timings.tsv").write_text("stage 1: autoencoder\t240\nstage 2: latent diffusion\t540\n")
+    (tmp_path / "attribution").mkdir()
+    (tmp_path / "attribution" / "metrics.md").write_text("| method | AUPRC |\n|---|---|\n| inversion | 0.733 |\n")
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "metrics.md").write_text("# title line dropped\n\n| Class | n |\n|---|---|\n")
+    run = tmp_path / "induction" / "effusion"
+    run.mkdir(parents=True)
+    run.joinpath("metrics.json").write_text(json.dumps({
+        "prompt": "small left pleural effusion", "per_sample": [{}] * 6, "inside_fraction": 1.0,
+        "ssim_outside": 0.98765, "classifier_prob_before": 0.1, "classifier_prob_after": 0.4,
+        "classifier_rise_fraction": 5 / 6, "edit_inside_fraction": None}))
+
+    text = demo_report.main([str(tmp_path)])
+
+    assert (tmp_path / "report.md").read_text() == text
+    assert "| **total** | **780** (13.0 min) |" in text
+    assert "| inversion | 0.733 |" in text and "title line dropped" not in text
+    assert "| effusion | small left pleural effusion | 6 | 1.000 | 0.988 | 0.100 | 0.400 | 0.833 | - | - |" in text
+
+
+def test_report_names_what_is_missing(tmp_path):
+    (tmp_path / "timings.tsv").write_text("")
+    with pytest.raises(SystemExit, match="attribution/metrics.md, evaluation/metrics.md: run `make demo` first"):
+        demo_report.main([str(tmp_path)])
