@@ -60,6 +60,10 @@ demo-covid-layout: $(STAMP)
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1 --port $(or $(PORT),6006)
 
+# training and counterfactual throughput against the diffusers references -> outputs/bench/bench.{json,md} (1-2 min on 2 cores)
+bench: $(STAMP)
+	$(PY) experiments/benchmark.py $(ARGS)
+
 clean:
 	rm -rf logs outputs .pytest_cache build *.egg-info $(COVID_PHANTOMS)
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +

@@ -1,0 +1,493 @@
+"""Performance benchmark: training and counterfactual throughput of ours against the references, in one process.
+
+    python experiments/benchmark.py                              # default CPU sizes -> outputs/bench/bench.{json,md}
+    python experiments/benchmark.py --quick output_dir=/tmp/b    # tiny networks, 3 repeats: a smoke check (< 30 s)
+    python experiments/benchmark.py trainer=gpu repeats=10       # one GPU, bf16 training profile
+
+Every network has random weights and every input is fixed random data, so it runs on a fresh clone. Lines:
+
+* training images/s of ``LatentDiffusionModule`` as Lightning runs it, with the prompt-embedding and latent caches on
+  and off, against the same UNet trained by a plain loop that encodes every image with the VAE and every prompt with
+  the prompt encoder on every step, as diffusers' ``examples/text_to_image/train_text_to_image.py`` does;
+* counterfactual images/s of our ``sdedit`` against diffusers' ``StableDiffusionImg2ImgPipeline`` on the same
+  components and settings (outputs asserted equal), and of our ``inversion``;
+* peak memory of each line, and the UNet's achieved FLOP rate (forward + backward) as a fraction of this machine's
+  float32 matrix-multiply peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import itertools
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import diffusers
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from datamodules.prompts import PromptBank
+from datamodules.synthetic import SyntheticCXRDataset
+from experiments.runner import load_config
+from lightning_modules.latent_diffusion import NULL_PROMPT, LatentDiffusionModule, drop_prompts
+from lightning_modules.optim import adamw_with_warmup
+from lightning_modules.pipeline import CounterfactualPipeline
+from lightning_modules.prompt_encoder import PromptEncoder
+
+#: --quick: the smoke-sized networks and batches, a few repeats, one thread (immune to a busy machine)
+QUICK = ["experiment=smoke", "repeats=3", "warmup=1", "counterfactual.batch_size=2", "matmul_size=256",
+         "counterfactual.sdedit.num_inference_steps=10", "counterfactual.inversion.num_inference_steps=2",
+         "num_threads=1"]
+#: the model keys that build LatentDiffusionModule
+MODULE_KEYS = ("unet", "noise_scheduler", "p_uncond", "ema", "optimizer")
+
+
+# 1. measuring tools -------------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so a line's RSS growth is not hidden by an earlier line's frees."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory growth over a block: on CUDA the allocator's peak above its start (``max_memory_allocated``), on
+    the CPU the resident set size above its start, sampled by a thread every ``interval`` seconds."""
+
+    def __init__(self, device: torch.device, interval: float):
+        self.device, self.interval = device, interval
+        self.method = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS growth (/proc/self/statm)"
+        self.peak_bytes = 0
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval):
+            self._peak = max(self._peak, resident_bytes())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            release_free_heap()
+            self._start = self._peak = resident_bytes()
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self._done.set()
+            self._thread.join()
+            self.peak_bytes = max(self._peak, resident_bytes()) - self._start
+
+
+@dataclass
+class Line:
+    """One benchmark line: the seconds of each timed repeat, each processing ``items`` images (or FLOPs)."""
+    name: str
+    what: str
+    seconds: list[float]
+    items: float
+    peak_memory_bytes: int
+    unit: str = "images/s"
+
+    @property
+    def rates(self) -> np.ndarray:
+        return self.items / np.asarray(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.rates))
+
+    def summary(self) -> dict:
+        q1, q3 = np.percentile(self.rates, [25, 75])
+        return {"what": self.what, "unit": self.unit, "median": self.median, "q1": float(q1), "q3": float(q3),
+                "min": float(self.rates.min()), "max": float(self.rates.max()), "repeats": len(self.seconds),
+                "seconds": self.seconds, "items_per_repeat": self.items,
+                "peak_memory_mb": self.peak_memory_bytes / 2**20}
+
+
+#: one call of a line: returns the seconds it counts, and records its peak memory into the ``PeakMemory`` given
+Call = Callable[[PeakMemory | None], float]
+
+
+def stopwatch(fn: Callable[[], object], device: torch.device) -> Call:
+    def call(memory: PeakMemory | None = None) -> float:
+        with memory or contextlib.nullcontext():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            return time.perf_counter() - start
+    return call
+
+
+def measure(calls: dict[str, Call], cfg: DictConfig, device: torch.device) -> dict[str, tuple[list[float], int]]:
+    """Each line's seconds over ``repeats`` rounds after ``warmup`` calls, and its peak memory in the last warm-up
+    call (the first call of a line allocates one-time caches: kernels, lazily built buffers, our embedding cache).
+
+    Every round calls each line once, in reversed order every other round: the load of a shared machine drifts, and
+    compared lines must see the same drift (lines run one after another can differ by more than the effect measured).
+    """
+    memory = {}
+    for name, call in calls.items():
+        for _ in range(cfg.warmup - 1):
+            call()
+        memory[name] = PeakMemory(device, cfg.memory_interval)
+        call(memory[name])
+    seconds = {name: [] for name in calls}
+    for round_ in range(cfg.repeats):
+        for name in (list(calls) if round_ % 2 == 0 else reversed(list(calls))):
+            seconds[name].append(calls[name]())
+    return {name: (seconds[name], memory[name].peak_bytes) for name in calls}
+
+
+# 2. fixed random inputs and random-weight components ----------------------------------------------------------------
+class RandomImages(Dataset):
+    """Fixed random images in [-1, 1] with ids and report-style prompts from the data's prompt bank."""
+
+    def __init__(self, length: int, image_size: int, prompt_bank: str, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(length, 1, image_size, image_size, generator=generator) * 2 - 1
+        reports = SyntheticCXRDataset("train", length, PromptBank.load(prompt_bank), image_size, seed)
+        self.prompts = [reports.prompt(i) for i in range(length)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "prompt": self.prompts[i], "id": f"bench-{i:06d}"}
+
+
+def random_vae(cfg: DictConfig, directory: str) -> str:
+    """The stage-1 architecture with random weights, exported as stage 1 exports it."""
+    vae = AutoencoderKL(**OmegaConf.to_container(cfg.model.autoencoder.network))
+    vae.register_to_config(scaling_factor=1.0)
+    vae.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def build_module(cfg: DictConfig, vae_dir: str, caches: bool) -> LatentDiffusionModule:
+    """Our module with random UNet weights (the same for every line: seeded) and both caches on or off."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    torch.manual_seed(cfg.seed)
+    return LatentDiffusionModule(
+        vae={"path": vae_dir}, prompt_encoder={**model["prompt_encoder"], "cache": caches},
+        **{key: model[key] for key in MODULE_KEYS}, cache_latents=caches, image_size=cfg.data.image_size,
+        sampling={**model["sampling"], "normal_prompt": PromptBank.load(cfg.data.prompt_bank).target},
+    )
+
+
+# 3. training lines --------------------------------------------------------------------------------------------------
+class StepTimer(L.Callback):
+    """The time at the end of every training batch, and the peak memory of the second, the one timed (the first
+    allocates what a fit allocates once: optimizer state, Lightning's loops)."""
+
+    def __init__(self, device: torch.device, memory: PeakMemory | None):
+        self.device, self.memory, self.ends = device, memory, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == 1 and self.memory is not None:
+            self.memory.__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        synchronize(self.device)
+        self.ends.append(time.perf_counter())
+        if batch_idx == 1 and self.memory is not None:
+            self.memory.__exit__(None, None, None)
+
+
+def lightning_steps(cfg: DictConfig, module: LatentDiffusionModule, data: Dataset, device: torch.device) -> Call:
+    """Ours as ``fit`` runs it (the trainer profile's precision and gradient clipping, EMA, logging): each call fits
+    two steps, over the two batches of ``data``, and returns the wall time between their ends (loading, step,
+    optimizer, EMA, Lightning). The first call fills the caches; the module keeps them across calls."""
+    profile = {key: cfg.trainer[key] for key in ("precision", "gradient_clip_val")}
+    loader = DataLoader(data, batch_size=cfg.data.batch_size, shuffle=False)
+
+    def call(memory: PeakMemory | None = None) -> float:
+        timer = StepTimer(device, memory)
+        trainer = L.Trainer(**profile, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=2,
+                            limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+        trainer.fit(module, loader)
+        return timer.ends[1] - timer.ends[0]
+    return call
+
+
+def plain_steps(cfg: DictConfig, module: LatentDiffusionModule, data: Dataset, device: torch.device) -> Call:
+    """diffusers' ``train_text_to_image.py`` step on a copy of the module's UNet: every step encodes the images with
+    the VAE (a posterior sample) and the prompts with the frozen encoder, then noise, UNet, MSE, backward, gradient
+    clipping, AdamW and its schedule, EMA; the same optimizer, EMA and clipping settings as ours."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    unet = copy.deepcopy(module.unet).to(device).train()
+    vae, encoder, scheduler = module.vae.to(device), module.prompt_encoder.to(device), module.noise_scheduler
+    optim = adamw_with_warmup(unet.parameters(), **model["optimizer"])
+    optimizer, lr_scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+    ema = EMAModel(unet.parameters(), **model["ema"])
+    ema.to(device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=str(cfg.trainer.precision).startswith("bf16"))
+    batches = itertools.cycle(DataLoader(data, batch_size=cfg.data.batch_size, shuffle=False))
+
+    def step() -> None:
+        batch = next(batches)
+        with autocast:
+            latents = vae.encode(batch["image"].to(device)).latent_dist.sample() * vae.config.scaling_factor
+            encoder_hidden_states = encoder(drop_prompts(batch["prompt"], cfg.model.p_uncond))  # (B, L, D)
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+            noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+            prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        ema.step(unet.parameters())
+    return stopwatch(step, device)
+
+
+TRAINING = {  # name: (what, caches, the steps)
+    "train_plain": ("plain PyTorch loop, VAE + prompt encoder every step (diffusers train_text_to_image)",
+                    False, plain_steps),
+    "train_ours_caches_off": ("ours (Lightning), prompt-embedding and latent caches off", False, lightning_steps),
+    "train_ours_caches_on": ("ours (Lightning), prompt-embedding and latent caches on", True, lightning_steps),
+}
+
+
+def training_lines(cfg: DictConfig, vae_dir: str, device: torch.device) -> list[Line]:
+    data = RandomImages(2 * cfg.data.batch_size, cfg.data.image_size, cfg.data.prompt_bank, cfg.seed)
+    calls = {name: run(cfg, build_module(cfg, vae_dir, caches), data, device)
+             for name, (_, caches, run) in TRAINING.items()}
+    return [Line(name, TRAINING[name][0], seconds, cfg.data.batch_size, memory)
+            for name, (seconds, memory) in measure(calls, cfg, device).items()]
+
+
+# 4. counterfactual lines --------------------------------------------------------------------------------------------
+def counterfactual_lines(cfg: DictConfig, vae_dir: str, device: torch.device) -> tuple[list[Line], dict]:
+    """Ours (``sdedit``, ``inversion``) and ``StableDiffusionImg2ImgPipeline`` on the same VAE, UNet, DDIM scheduler
+    and prompt encoder. Given prompts, diffusers encodes the prompt and the negative prompt of every image on every
+    call (``encode_prompt``); its reference line does exactly that with our frozen encoder, uncached (our encoder
+    zeroes padding positions, which diffusers' own ``encode_prompt`` would not, so outputs could not match otherwise).
+    A second diffusers line is given the embeddings precomputed: the two pipelines' loops alone."""
+    c = cfg.counterfactual
+    module = build_module(cfg, vae_dir, caches=True).to(device).eval()
+    ours = CounterfactualPipeline.from_module(module)
+    peer = StableDiffusionImg2ImgPipeline(
+        vae=module.vae, text_encoder=None, tokenizer=None, unet=module.unet, scheduler=ours.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    peer.set_progress_bar_config(disable=True)
+    uncached = PromptEncoder(**{**cfg.model.prompt_encoder, "cache": False}).to(device)
+
+    images = RandomImages(c.batch_size, cfg.data.image_size, cfg.data.prompt_bank, cfg.seed + 1).images.to(device)
+    prompts, null_prompts = [ours.normal_prompt] * c.batch_size, [NULL_PROMPT] * c.batch_size
+    given = {"prompt_embeds": uncached(prompts), "negative_prompt_embeds": uncached(null_prompts)}
+    generator = lambda: torch.Generator("cpu").manual_seed(cfg.seed)  # noqa: E731
+    outputs = {}
+
+    def run_ours(method: str) -> Call:
+        def call() -> None:
+            outputs[method] = ours(images, method=method, target_prompt=ours.normal_prompt, generator=generator(),
+                                   **c[method]).images  # (B, 1, H, W) in [-1, 1]
+        return stopwatch(call, device)
+
+    def run_diffusers(precomputed: bool) -> Call:
+        def call() -> None:
+            embeddings = given if precomputed else {"prompt_embeds": uncached(prompts),
+                                                    "negative_prompt_embeds": uncached(null_prompts)}
+            outputs["diffusers"] = peer(image=(images + 1) / 2, generator=generator(), output_type="pt",
+                                        **embeddings, **c.sdedit).images  # (B, 1, H, W) in [0, 1]
+        return stopwatch(call, device)
+
+    what = {"sdedit_diffusers": "diffusers StableDiffusionImg2ImgPipeline, encoding its prompts every call",
+            "sdedit_diffusers_given_embeddings": "diffusers StableDiffusionImg2ImgPipeline, embeddings precomputed",
+            "sdedit_ours": "ours, sdedit", "inversion_ours": "ours, DDIM inversion then guided DDIM"}
+    calls = {"sdedit_diffusers": run_diffusers(precomputed=False),
+             "sdedit_diffusers_given_embeddings": run_diffusers(precomputed=True),
+             "sdedit_ours": run_ours("sdedit"), "inversion_ours": run_ours("inversion")}
+    lines = [Line(name, what[name], seconds, c.batch_size, memory)
+             for name, (seconds, memory) in measure(calls, cfg, device).items()]
+
+    ours01 = (outputs["sdedit"] + 1) / 2
+    torch.testing.assert_close(ours01, outputs["diffusers"], atol=c.atol, rtol=c.rtol,
+                               msg=lambda m: f"sdedit differs from StableDiffusionImg2ImgPipeline: {m}")
+    return lines, {"sdedit_max_abs_difference": (ours01 - outputs["diffusers"]).abs().max().item()}
+
+
+# 5. FLOP rate of the UNet against the matrix-multiply peak ----------------------------------------------------------
+def flop_lines(cfg: DictConfig, vae_dir: str, device: torch.device) -> list[Line]:
+    """The UNet's forward + backward at the training batch (FLOPs counted by ``FlopCounterMode``) and a float32
+    ``torch.mm`` of ``matmul_size`` squared matrices, both as FLOP/s."""
+    module = build_module(cfg, vae_dir, caches=True).to(device).train()
+    unet, batch = module.unet, cfg.data.batch_size
+    latent_size = cfg.data.image_size // module.vae_scale_factor
+    generator = torch.Generator().manual_seed(cfg.seed)
+    latents = torch.randn(batch, unet.config.in_channels, latent_size, latent_size, generator=generator).to(device)
+    timesteps = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (batch,),
+                              generator=generator).to(device)
+    embeddings = module.prompt_encoder(RandomImages(batch, cfg.data.image_size, cfg.data.prompt_bank,
+                                                    cfg.seed).prompts)  # (B, L, D)
+
+    def forward_backward() -> None:
+        unet(latents, timesteps, encoder_hidden_states=embeddings).sample.square().mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        forward_backward()
+    unet_flops = counter.get_total_flops()
+    n = cfg.matmul_size
+    a, b = torch.randn(n, n, generator=generator).to(device), torch.randn(n, n, generator=generator).to(device)
+    measured = measure({"unet_forward_backward": stopwatch(forward_backward, device),
+                        "matmul_peak": stopwatch(lambda: torch.mm(a, b), device)}, cfg, device)
+    what = {"unet_forward_backward": f"UNet forward + backward at batch {batch}, {unet_flops / 1e9:.1f} GFLOP",
+            "matmul_peak": f"float32 torch.mm {n} x {n}"}
+    items = {"unet_forward_backward": unet_flops, "matmul_peak": 2 * n**3}
+    return [Line(name, what[name], seconds, items[name], memory, unit="FLOP/s")
+            for name, (seconds, memory) in measured.items()]
+
+
+# 6. report ----------------------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict:
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "lightning": L.__version__,
+            "python": platform.python_version(), "device": str(device), "num_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def report(cfg: DictConfig, lines: list[Line], checks: dict, device: torch.device, load: tuple[tuple, tuple],
+           wall: float) -> dict:
+    by = {line.name: line for line in lines}
+    peak = max(by["matmul_peak"].rates)  # the best repeat: the machine's peak, not its mean under load
+    return {
+        "train_speedup_vs_plain": by["train_ours_caches_on"].median / by["train_plain"].median,
+        "train_speedup_caches_on_vs_off": by["train_ours_caches_on"].median / by["train_ours_caches_off"].median,
+        "sdedit_speedup_vs_diffusers": by["sdedit_ours"].median / by["sdedit_diffusers"].median,
+        "sdedit_speedup_vs_diffusers_given_embeddings":
+            by["sdedit_ours"].median / by["sdedit_diffusers_given_embeddings"].median,
+        "unet_peak_fraction": by["unet_forward_backward"].median / peak,
+        "matmul_peak_flops": peak,
+        "lines": {line.name: line.summary() for line in lines},
+        "checks": checks,
+        "memory_method": PeakMemory(device, 0).method,
+        "environment": {**environment(device), "load_average_before": load[0], "load_average_after": load[1],
+                        "wall_seconds": wall},
+        "settings": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def _rate(value: float, unit: str) -> str:
+    return f"{value / 1e9:.2f} G" if unit == "FLOP/s" else f"{value:.1f}"
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    settings = result["settings"]
+    rows = ["| line | what | median | IQR | min - max | unit | peak memory (MB) |", "|---|---|---|---|---|---|---|"]
+    for name, line in result["lines"].items():
+        unit = line["unit"]
+        rows.append(f"| {name} | {line['what']} | {_rate(line['median'], unit)} | {_rate(line['q1'], unit)} - "
+                    f"{_rate(line['q3'], unit)} | {_rate(line['min'], unit)} - {_rate(line['max'], unit)} | "
+                    f"{unit} | {line['peak_memory_mb']:.0f} |")
+    counterfactual = settings["counterfactual"]
+    return "\n".join([
+        f"Benchmark on {env['device']} ({env['cpu']}, {env['num_threads']} threads, torch {env['torch']}, "
+        f"1-min load average {env['load_average_before'][0]:.1f} before, {env['load_average_after'][0]:.1f} after, "
+        f"{env['wall_seconds']:.0f} s); each line: "
+        f"{settings['repeats']} timed repeats after {settings['warmup']} warm-up, interleaved:", "",
+        *rows, "",
+        f"- training, ours (caches on) / plain loop: **{result['train_speedup_vs_plain']:.2f}x** "
+        f"(caches on / off: {result['train_speedup_caches_on_vs_off']:.2f}x)",
+        f"- sdedit, ours / diffusers img2img: **{result['sdedit_speedup_vs_diffusers']:.2f}x** "
+        f"(given precomputed embeddings: {result['sdedit_speedup_vs_diffusers_given_embeddings']:.2f}x); "
+        f"outputs equal to {result['checks']['sdedit_max_abs_difference']:.1e}",
+        f"- UNet forward + backward: **{result['unet_peak_fraction']:.1%}** of the measured float32 matmul peak "
+        f"({result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, best repeat)",
+        f"- peak memory: {result['memory_method']}, over the last warm-up call",
+        f"- training batch {settings['data']['batch_size']}; counterfactual batch {counterfactual['batch_size']}, "
+        f"sdedit {counterfactual['sdedit']}, inversion {counterfactual['inversion']}",
+        "",
+    ])
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Without Lightning's banner and its notes on fits without validation and with frozen parts in eval mode."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        for message in ("does not have many workers", "no `val_dataloader`", "in eval mode at the start of training",
+                        "LeafSpec"):
+            warnings.filterwarnings("ignore", f".*{message}.*")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quick = "--quick" in argv
+    cfg = load_config("benchmark", [*(QUICK if quick else []), *(a for a in argv if a != "--quick")])
+    if cfg.warmup < 1 or cfg.repeats < 1:
+        raise SystemExit("benchmark: warmup and repeats must be >= 1 (the first call fills the caches)")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    accelerator = cfg.trainer.accelerator
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    load, start = os.getloadavg(), time.perf_counter()
+
+    with quiet_lightning(), tempfile.TemporaryDirectory() as tmp:
+        vae_dir = random_vae(cfg, tmp)
+        lines = training_lines(cfg, vae_dir, device)
+        counterfactual, checks = counterfactual_lines(cfg, vae_dir, device)
+        lines += counterfactual + flop_lines(cfg, vae_dir, device)
+    result = report(cfg, lines, checks, device, (load, os.getloadavg()), time.perf_counter() - start)
+    result["quick"] = quick
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (out / "bench.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

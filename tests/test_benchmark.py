@@ -1,0 +1,45 @@
+"""experiments/benchmark.py --quick as `make bench` runs it, shrunk: valid JSON with every line and ratio measured."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from experiments import benchmark
+
+RATIOS = ("train_speedup_vs_plain", "sdedit_speedup_vs_diffusers", "unet_peak_fraction")
+LINES = ("train_plain", "train_ours_caches_off", "train_ours_caches_on", "sdedit_diffusers",
+         "sdedit_diffusers_given_embeddings", "sdedit_ours", "inversion_ours", "unet_forward_backward", "matmul_peak")
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_benchmark_writes_every_line_and_ratio(tmp_path):
+    returned = benchmark.main(["--quick", f"output_dir={tmp_path}"])
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result == json.loads(json.dumps(returned))  # what was written is what was measured
+
+    assert all(positive(result[key]) for key in RATIOS), {key: result[key] for key in RATIOS}
+    assert 0 < result["unet_peak_fraction"] < 1.5  # a fraction of a peak measured on the same machine
+    assert set(result["lines"]) == set(LINES)
+    repeats = result["settings"]["repeats"]
+    for name, line in result["lines"].items():
+        assert len(line["seconds"]) == repeats and all(positive(s) for s in line["seconds"]), name
+        assert line["min"] <= line["q1"] <= line["median"] <= line["q3"] <= line["max"], name
+        assert positive(line["median"]), name
+    for name in LINES:
+        assert isinstance(result["lines"][name]["peak_memory_mb"], (int, float)), name
+    # the speedups are the ratios of the lines' medians, not numbers written down elsewhere
+    lines = result["lines"]
+    assert math.isclose(result["train_speedup_vs_plain"],
+                        lines["train_ours_caches_on"]["median"] / lines["train_plain"]["median"])
+    assert math.isclose(result["sdedit_speedup_vs_diffusers"],
+                        lines["sdedit_ours"]["median"] / lines["sdedit_diffusers"]["median"])
+    assert result["checks"]["sdedit_max_abs_difference"] <= 1e-4  # ours and diffusers' img2img agree
+
+    env = result["environment"]
+    assert env["torch"] and env["num_threads"] >= 1 and result["quick"] is True
+    table = (tmp_path / "bench.md").read_text()
+    assert "| sdedit_ours |" in table and "unet" in table.lower()
