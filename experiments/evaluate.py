@@ -64,12 +64,14 @@ def device_of(accelerator: str) -> torch.device:
 
 
 # 2. measure ---------------------------------------------------------------------------------------------------------
-def fidelity_columns(classifier: FindingClassifier, finding_names: Sequence[str]) -> list[int]:
-    """The classifier's output index of each of the data's findings, then of "abnormal"."""
+def fidelity_columns(classifier: FindingClassifier, finding_names: Sequence[str]) -> tuple[list[int] | None, str]:
+    """The classifier's output index of each of the data's findings, then of "abnormal"; or None and why not (a
+    classifier trained on other findings still gives fid_domain its features, but cannot judge these prompts)."""
     try:
-        return [classifier.index(name) for name in (*finding_names, ABNORMAL)]
+        return [classifier.index(name) for name in (*finding_names, ABNORMAL)], ""
     except ValueError as err:
-        raise SystemExit(f"evaluate: classifier_checkpoint was not trained on this data's findings: {err}") from None
+        return None, (f"classifier_checkpoint was not trained on this data's findings ({err}); train one on it with "
+                      f"`make train-classifier DATA=...` and pass classifier_checkpoint=")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -93,7 +95,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     counterfactual = OmegaConf.to_container(cfg.counterfactual, resolve=True)
     # prompt fidelity reuses fid_domain's classifier, its outputs in the data's finding order then "abnormal"
     classifier = extractors["fid_domain"].classifier if "fid_domain" in extractors else None
-    columns = fidelity_columns(classifier, datamodule.finding_names) if classifier is not None else None
+    columns, no_fidelity = (fidelity_columns(classifier, datamodule.finding_names) if classifier is not None
+                            else (None, skipped.get("fid_domain", "")))
     scores: dict[str, list[torch.Tensor]] = {"generated": [], "real": []}  # (B, K + 1) per batch
     labels, label_masks = [], []
 
@@ -101,7 +104,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         real = batch["image"].to(device)
         fakes = evaluation_images(pipeline, {**batch, "image": real}, generation, counterfactual, cfg.seed)
         metrics.update(real, image_groups(batch["label"], datamodule.finding_names), **fakes)
-        if classifier is not None:
+        if columns is not None:
             for images, x in (("generated", fakes["generated"]), ("real", real)):
                 scores[images].append(classifier.probabilities(x)[:, columns].cpu())
             labels.append(batch["label"])
@@ -113,8 +116,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             values[pair].update({name: None for name in skipped})
     notes = [f"{name} skipped: {reason}" for name, reason in skipped.items()]
     fidelity = None
-    if classifier is None:
-        notes.append(f"prompt_fidelity skipped: {skipped['fid_domain']}")
+    if columns is None:
+        notes.append(f"prompt_fidelity skipped: {no_fidelity}")
     else:
         fidelity = prompt_fidelity({images: torch.cat(s) for images, s in scores.items()}, torch.cat(labels),
                                    datamodule.finding_names, torch.cat(label_masks) if label_masks else None)

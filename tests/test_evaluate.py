@@ -93,6 +93,19 @@ def test_evaluate_without_a_classifier_skips_prompt_fidelity_with_a_note(run, tm
     assert "Prompt fidelity" not in (tmp_path / "metrics.md").read_text()
 
 
+def test_evaluate_with_a_classifier_of_other_findings_keeps_fid_domain_and_skips_prompt_fidelity(run, tmp_path):
+    """The phantom classifier on the COVID-layout classes: its features still serve fid_domain, its outputs cannot
+    judge prompts naming findings it never learned."""
+    log_dir, _ = run
+    other = classifier_checkpoint(tmp_path / "other.ckpt", ("COVID", "Lung_Opacity"))
+    report = evaluate.main([f"checkpoint={log_dir / 'ldm' / 'checkpoints' / 'last.ckpt'}", f"output_dir={tmp_path}",
+                            f"classifier_checkpoint={other}", *FAST, "num_images=2"])
+    assert report["prompt_fidelity"] is None
+    assert report["results"]["overall"]["generated"]["fid_domain"] is not None
+    assert "prompt_fidelity skipped: classifier_checkpoint was not trained on this data's findings (unknown finding " \
+           "'nodule'" in report["notes"][-1]
+
+
 def test_prompt_fidelity_compares_each_prompt_with_its_reference():
     """Hand-made scores: per finding, p(f) on images naming f vs on normal ones; for Normal, p(abnormal)."""
     names = ("nodule", "effusion", "mass")
