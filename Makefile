@@ -20,7 +20,7 @@ TRAIN_OVERRIDES = $(if $(filter gpu,$(ACCELERATOR)),trainer=gpu) \
 	trainer.accelerator=$(ACCELERATOR) trainer.devices=$(DEVICES) trainer.num_nodes=$(NODES) \
 	$(if $(DDP),trainer.strategy=ddp) $(ARGS)
 
-.PHONY: lock install test test-slow demo demo-covid-layout train train-autoencoder train-classifier tensorboard bench clean
+.PHONY: lock install test demo demo-covid-layout train train-autoencoder train-classifier tensorboard bench clean
 
 $(STAMP): setup.cfg requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,10 +30,7 @@ $(STAMP): setup.cfg requirements.lock
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow"
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest
 
 train-autoencoder: $(STAMP)
 	$(PY) experiments/train_autoencoder.py $(TRAIN_OVERRIDES)
