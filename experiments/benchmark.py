@@ -347,10 +347,32 @@ def counterfactual_lines(cfg: DictConfig, vae_dir: str, device: torch.device) ->
     return lines, {"sdedit_max_abs_difference": (ours01 - outputs["diffusers"]).abs().max().item()}
 
 
-# 5. FLOP rate of the UNet against the matrix-multiply peak ----------------------------------------------------------
+# 5. FLOP rate of the UNet against the matrix-multiply peak, and the speed-ups we tried on it -----------------------
+#: UNet variants timed beside the plain float32 forward + backward: what `make bench` says before we turn one on
+VARIANTS = {
+    "channels_last": "channels-last memory format",
+    "bf16_autocast": "bfloat16 autocast (weights float32)",
+    "compile": "torch.compile (compilation in the warm-up calls)",
+}
+
+
+def unet_variant(name: str, unet: torch.nn.Module, latents: torch.Tensor, device: torch.device
+                 ) -> tuple[Callable, torch.Tensor, contextlib.AbstractContextManager]:
+    """(the UNet to call, its input, the context to call it in) for one of ``VARIANTS``, on a copy of ``unet``."""
+    unet = copy.deepcopy(unet)
+    if name == "channels_last":
+        return unet.to(memory_format=torch.channels_last), latents.to(memory_format=torch.channels_last), \
+            contextlib.nullcontext()
+    if name == "bf16_autocast":
+        return unet, latents, torch.autocast(device.type, torch.bfloat16)
+    if name == "compile":
+        return torch.compile(unet), latents, contextlib.nullcontext()
+    raise ValueError(name)
+
+
 def flop_lines(cfg: DictConfig, vae_dir: str, device: torch.device) -> list[Line]:
-    """The UNet's forward + backward at the training batch (FLOPs counted by ``FlopCounterMode``) and a float32
-    ``torch.mm`` of ``matmul_size`` squared matrices, both as FLOP/s."""
+    """The UNet's forward + backward at the training batch (FLOPs counted by ``FlopCounterMode``), the same in each of
+    ``unet_variants``, and a float32 ``torch.mm`` of ``matmul_size`` squared matrices, all as FLOP/s."""
     module = build_module(cfg, vae_dir, caches=True).to(device).train()
     unet, batch = module.unet, cfg.data.batch_size
     latent_size = cfg.data.image_size // module.vae_scale_factor
@@ -361,22 +383,30 @@ def flop_lines(cfg: DictConfig, vae_dir: str, device: torch.device) -> list[Line
     embeddings = module.prompt_encoder(RandomImages(batch, cfg.data.image_size, cfg.data.prompt_bank,
                                                     cfg.seed).prompts)  # (B, L, D)
 
-    def forward_backward() -> None:
-        unet(latents, timesteps, encoder_hidden_states=embeddings).sample.square().mean().backward()
-        unet.zero_grad(set_to_none=True)
+    def forward_backward(net: Callable = unet, x: torch.Tensor = latents,
+                         context: contextlib.AbstractContextManager = contextlib.nullcontext()) -> Callable[[], None]:
+        def call() -> None:
+            with context:
+                prediction = net(x, timesteps, encoder_hidden_states=embeddings).sample
+            prediction.float().square().mean().backward()
+            for p in net.parameters():
+                p.grad = None
+        return call
 
     with FlopCounterMode(display=False) as counter:
-        forward_backward()
+        forward_backward()()
     unet_flops = counter.get_total_flops()
     n = cfg.matmul_size
     a, b = torch.randn(n, n, generator=generator).to(device), torch.randn(n, n, generator=generator).to(device)
-    measured = measure({"unet_forward_backward": stopwatch(forward_backward, device),
-                        "matmul_peak": stopwatch(lambda: torch.mm(a, b), device)}, cfg, device)
-    what = {"unet_forward_backward": f"UNet forward + backward at batch {batch}, {unet_flops / 1e9:.1f} GFLOP",
-            "matmul_peak": f"float32 torch.mm {n} x {n}"}
-    items = {"unet_forward_backward": unet_flops, "matmul_peak": 2 * n**3}
-    return [Line(name, what[name], seconds, items[name], memory, unit="FLOP/s")
-            for name, (seconds, memory) in measured.items()]
+    calls = {"unet_forward_backward": stopwatch(forward_backward(), device)}
+    what = {"unet_forward_backward": f"UNet forward + backward at batch {batch}, {unet_flops / 1e9:.1f} GFLOP"}
+    for variant in cfg.unet_variants:
+        calls[f"unet_{variant}"] = stopwatch(forward_backward(*unet_variant(variant, unet, latents, device)), device)
+        what[f"unet_{variant}"] = f"the same, {VARIANTS[variant]}"
+    calls["matmul_peak"] = stopwatch(lambda: torch.mm(a, b), device)
+    what["matmul_peak"] = f"float32 torch.mm {n} x {n}"
+    return [Line(name, what[name], seconds, 2 * n**3 if name == "matmul_peak" else unet_flops, memory, unit="FLOP/s")
+            for name, (seconds, memory) in measure(calls, cfg, device).items()]
 
 
 # 6. report ----------------------------------------------------------------------------------------------------------
@@ -398,6 +428,8 @@ def report(cfg: DictConfig, lines: list[Line], checks: dict, device: torch.devic
         "sdedit_speedup_vs_diffusers_given_embeddings":
             by["sdedit_ours"].median / by["sdedit_diffusers_given_embeddings"].median,
         "unet_peak_fraction": by["unet_forward_backward"].median / peak,
+        "unet_variant_speedups": {variant: by[f"unet_{variant}"].median / by["unet_forward_backward"].median
+                                  for variant in cfg.unet_variants},
         "matmul_peak_flops": peak,
         "lines": {line.name: line.summary() for line in lines},
         "checks": checks,
@@ -435,6 +467,8 @@ def markdown(result: dict) -> str:
         f"outputs equal to {result['checks']['sdedit_max_abs_difference']:.1e}",
         f"- UNet forward + backward: **{result['unet_peak_fraction']:.1%}** of the measured float32 matmul peak "
         f"({result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, best repeat)",
+        *(f"- UNet forward + backward, {VARIANTS[variant]} / float32: {speedup:.2f}x"
+          for variant, speedup in result["unet_variant_speedups"].items()),
         f"- peak memory: {result['memory_method']}, over the last warm-up call",
         f"- training batch {settings['data']['batch_size']}; counterfactual batch {counterfactual['batch_size']}, "
         f"sdedit {counterfactual['sdedit']}, inversion {counterfactual['inversion']}",
@@ -464,6 +498,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config("benchmark", [*(QUICK if quick else []), *(a for a in argv if a != "--quick")])
     if cfg.warmup < 1 or cfg.repeats < 1:
         raise SystemExit("benchmark: warmup and repeats must be >= 1 (the first call fills the caches)")
+    unknown = [name for name in cfg.unet_variants if name not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"benchmark: unknown unet_variants {unknown}; valid: {', '.join(VARIANTS)}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     accelerator = cfg.trainer.accelerator

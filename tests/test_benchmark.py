@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from experiments import benchmark
 
 RATIOS = ("train_speedup_vs_plain", "sdedit_speedup_vs_diffusers", "unet_peak_fraction")
 LINES = ("train_plain", "train_ours_caches_off", "train_ours_caches_on", "sdedit_diffusers",
-         "sdedit_diffusers_given_embeddings", "sdedit_ours", "inversion_ours", "unet_forward_backward", "matmul_peak")
+         "sdedit_diffusers_given_embeddings", "sdedit_ours", "inversion_ours", "unet_forward_backward",
+         "unet_channels_last", "unet_bf16_autocast", "matmul_peak")
 
 
 def positive(value) -> bool:
@@ -37,9 +40,18 @@ def test_quick_benchmark_writes_every_line_and_ratio(tmp_path):
                         lines["train_ours_caches_on"]["median"] / lines["train_plain"]["median"])
     assert math.isclose(result["sdedit_speedup_vs_diffusers"],
                         lines["sdedit_ours"]["median"] / lines["sdedit_diffusers"]["median"])
+    for variant, speedup in result["unet_variant_speedups"].items():
+        assert math.isclose(speedup, lines[f"unet_{variant}"]["median"] / lines["unet_forward_backward"]["median"])
+    assert set(result["unet_variant_speedups"]) == {"channels_last", "bf16_autocast"}
     assert result["checks"]["sdedit_max_abs_difference"] <= 1e-4  # ours and diffusers' img2img agree
 
     env = result["environment"]
     assert env["torch"] and env["num_threads"] >= 1 and result["quick"] is True
     table = (tmp_path / "bench.md").read_text()
     assert "| sdedit_ours |" in table and "unet" in table.lower()
+
+
+def test_an_unknown_unet_variant_stops_before_measuring(tmp_path):
+    with pytest.raises(SystemExit, match="unknown unet_variants \\['fp8'\\]; valid: channels_last"):
+        benchmark.main(["--quick", f"output_dir={tmp_path}", "unet_variants=[fp8]"])
+    assert not (tmp_path / "bench.json").exists()
