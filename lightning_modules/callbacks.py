@@ -44,6 +44,7 @@ class SampleGridLogger(L.Callback):
 
     def __init__(self, every_n_steps: int = 200, samples_per_prompt: int = 4, seed: int = 0):
         self.every_n_steps, self.samples_per_prompt, self.seed = every_n_steps, samples_per_prompt, seed
+        self.logged_step: int | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -51,7 +52,8 @@ class SampleGridLogger(L.Callback):
             self.log_samples(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.log_samples(trainer, pl_module)
+        if self.logged_step != trainer.global_step:  # the final model, unless the last step already showed it
+            self.log_samples(trainer, pl_module)
 
     @rank_zero_only
     def log_samples(self, trainer: L.Trainer, pl_module) -> None:
@@ -73,3 +75,4 @@ class SampleGridLogger(L.Callback):
         writer.add_image("samples/prompt_rows", make_grid(to_unit_range(images), nrow=self.samples_per_prompt),
                          trainer.global_step)
         writer.add_text("samples/prompts", "\n\n".join(trainer.datamodule.sample_prompts()), trainer.global_step)
+        self.logged_step = trainer.global_step

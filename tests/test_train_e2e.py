@@ -42,6 +42,12 @@ def test_stage1_trains_logs_and_exports_a_diffusers_vae(stage1):
     assert (next((stage1 / "autoencoder").glob("version_*")) / "config.yaml").is_file()
 
 
+def test_sample_grids_every_n_steps_and_the_final_model_once(stage1, tmp_path):
+    train.main(["experiment=smoke", f"log_dir={tmp_path}", f"model.vae.path={stage1 / 'autoencoder' / 'vae'}",
+                "callbacks.samples.every_n_steps=2", "callbacks.samples.samples_per_prompt=1"])
+    assert [image.step for image in _events(tmp_path / "ldm").Images("samples/prompt_rows")] == [2, 4]
+
+
 def test_stage2_trains_logs_samples_and_resumes(stage1):
     vae = f"model.vae.path={stage1 / 'autoencoder' / 'vae'}"
     trainer = train.main(["experiment=smoke", f"log_dir={stage1}", vae])
@@ -50,7 +56,7 @@ def test_stage2_trains_logs_samples_and_resumes(stage1):
     assert {"last.ckpt", "best.ckpt"} <= {p.name for p in (run / "checkpoints").iterdir()}
     events = _events(run)
     assert {"train/loss", "val/loss"} <= set(events.Tags()["scalars"])
-    assert "samples/prompt_rows" in events.Tags()["images"]
+    assert [image.step for image in events.Images("samples/prompt_rows")] == [4]  # the final model
     config = (next(run.glob("version_0")) / "config.yaml").read_text()
     assert "experiment: smoke" in config and "block_out_channels" in config
 
