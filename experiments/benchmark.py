@@ -21,7 +21,6 @@ import contextlib
 import copy
 import ctypes
 import itertools
-import json
 import logging
 import os
 import platform
@@ -47,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from datamodules.prompts import PromptBank
 from datamodules.synthetic import SyntheticCXRDataset
-from experiments.runner import load_config
+from experiments.runner import load_config, write_results
 from lightning_modules.latent_diffusion import NULL_PROMPT, LatentDiffusionModule, drop_prompts
 from lightning_modules.optim import adamw_with_warmup
 from lightning_modules.pipeline import CounterfactualPipeline
@@ -516,12 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = report(cfg, lines, checks, device, (load, os.getloadavg()), time.perf_counter() - start)
     result["quick"] = quick
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (out / "bench.md").write_text(table)
-    print(table)
+    out = write_results(cfg.output_dir, "bench", result, markdown(result))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return result
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from configs import instantiate
 from datamodules.base import to_model_range, to_unit_range
 from datamodules.images import IMAGE_SUFFIXES, UnreadableImageError, build_transform, check_header, read_gray
-from experiments.runner import load_config
+from experiments.runner import load_config, write_results
 from lightning_modules.attribution import attribution_map, normalize_per_image, signed_map
 from lightning_modules.baselines import diffedit_map, mean_healthy_image, reconstruct
 from lightning_modules.classifier import FindingClassifier
@@ -489,10 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not results["labelled"]:
         return {"rows": rows, "skipped": skipped}
     summary = summarize(cfg, results, methods, notes)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown(summary, finding_names)
-    (out / "metrics.md").write_text(table)
-    print(table)
+    write_results(out, "metrics", summary, markdown(summary, finding_names))
     return summary
 
 

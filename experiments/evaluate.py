@@ -10,7 +10,6 @@ Writes ``<output_dir>/metrics.json`` and ``<output_dir>/metrics.md`` (the table,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from configs import instantiate
-from experiments.runner import load_config
+from experiments.runner import load_config, write_results
 from lightning_modules.classifier import ABNORMAL, FindingClassifier
 from lightning_modules.metrics import (NORMAL, OVERALL, PAIRS, GenerationMetrics, build_extractors,
                                        evaluation_images, find_inception_weights, image_groups, prompt_fidelity,
@@ -206,12 +205,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config("evaluate", argv)
     report = evaluate(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (out / "metrics.md").write_text(table)
-    print(table)
+    out = write_results(cfg.output_dir, "metrics", report, markdown(report))
     print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
     return report
 

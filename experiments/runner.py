@@ -3,6 +3,7 @@ resume, and the config saved beside the run."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -84,3 +85,13 @@ def resume_path(cfg: DictConfig) -> str | None:
 def fit(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: CXRDataModule) -> None:
     save_config(cfg, trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
+
+
+def write_results(out_dir: str | Path, name: str, result: dict, table: str) -> Path:
+    """``<name>.json`` (everything measured) and ``<name>.md`` (the table, also printed) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table)
+    print(table)
+    return out
