@@ -47,14 +47,17 @@ def finding_vector(findings: Sequence[Finding]) -> np.ndarray:
 
 
 class SyntheticCXRDataset(Dataset):
-    """One split of phantoms, generated on the fly (about 2 ms each at 64 px)."""
+    """One split of phantoms, generated on the fly (about 1.5 ms each at 64 px), or once with ``cache``: a phantom
+    depends only on its index, and a run of many epochs would otherwise spend a fifth of its CPU time drawing the same
+    images again (64 KB each at 64 px, 16x that at 256 px)."""
 
     def __init__(self, split: str, length: int, bank: PromptBank, image_size: int = 64, seed: int = 0,
-                 p_healthy: float = 0.4, p_second: float = 0.25):
+                 p_healthy: float = 0.4, p_second: float = 0.25, cache: bool = False):
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
         self.split, self.length, self.bank, self.image_size = split, length, bank, image_size
         self.seed, self.p_healthy, self.p_second = seed, p_healthy, p_second
+        self._cache: dict[int, dict] | None = {} if cache else None
 
     def __len__(self) -> int:
         return self.length
@@ -86,7 +89,14 @@ class SyntheticCXRDataset(Dataset):
         return self.sample(i)[1]
 
     def __getitem__(self, i: int) -> dict:
-        prompt, ph = self.sample(int(i))
+        if self._cache is None:
+            return self._render(int(i))
+        if int(i) not in self._cache:
+            self._cache[int(i)] = self._render(int(i))
+        return {key: value.clone() if torch.is_tensor(value) else value for key, value in self._cache[int(i)].items()}
+
+    def _render(self, i: int) -> dict:
+        prompt, ph = self.sample(i)
         plane = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None]  # (H, W) -> (1, H, W)
         return {
             "image": plane(ph.image) * 2 - 1,
@@ -96,7 +106,7 @@ class SyntheticCXRDataset(Dataset):
             "mask": plane(ph.mask),
             "lung_mask": plane(ph.lung_mask),
             "has_mask": True,
-            "id": self.sample_id(int(i)),
+            "id": self.sample_id(i),
         }
 
 
@@ -107,7 +117,8 @@ class SyntheticCXRDataModule(CXRDataModule):
 
     def __init__(self, image_size: int = 64, num_train: int = 4000, num_val: int = 256, num_test: int = 256,
                  seed: int = 0, p_healthy: float = 0.4, p_second: float = 0.25, prompt_bank: str = "synthetic",
-                 batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0):
+                 batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
+                 cache: bool = False):
         super().__init__(batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
         self.image_size, self.seed = image_size, seed
@@ -119,7 +130,8 @@ class SyntheticCXRDataModule(CXRDataModule):
     def setup(self, stage: str | None = None) -> None:
         for split, length in self.sizes.items():
             self.datasets.setdefault(split, SyntheticCXRDataset(
-                split, length, self.bank, self.image_size, self.seed, self.p_healthy, self.p_second))
+                split, length, self.bank, self.image_size, self.seed, self.p_healthy, self.p_second,
+                self.hparams.cache))
 
     def prompt_for(self, kind: str, side: str, zone: str, choice: int = 0) -> str:
         """The prompt asking for one finding at one place, with a fixed phrasing (zero-shot induction)."""

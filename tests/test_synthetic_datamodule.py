@@ -213,3 +213,20 @@ def test_cli_and_contact_sheet(tmp_path, capsys):
 def test_larger_images():
     item = SyntheticCXRDataModule(image_size=128, num_train=2).dataset("train")[1]
     assert item["image"].shape == item["mask"].shape == (1, 128, 128)
+
+
+def test_the_sample_cache_serves_what_drawing_gives_and_a_consumer_cannot_corrupt_it(monkeypatch):
+    fresh = SyntheticCXRDataModule(num_train=8, num_val=4, num_test=4)
+    cached = SyntheticCXRDataModule(num_train=8, num_val=4, num_test=4, cache=True)
+    fresh.setup("fit")
+    cached.setup("fit")
+    train = cached.dataset("train")
+    for i in range(8):
+        train[i]["image"].add_(1.0)  # a consumer writing into its sample in place
+    monkeypatch.setattr(train, "_render", lambda i: pytest.fail(f"sample {i} drawn again"))
+    for i in range(8):
+        expected, served = fresh.dataset("train")[i], train[i]
+        assert served.keys() == expected.keys() == KEYS
+        for key in KEYS:
+            value = expected[key]
+            assert torch.equal(served[key], value) if torch.is_tensor(value) else served[key] == value, key
