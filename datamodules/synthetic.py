@@ -89,11 +89,12 @@ class SyntheticCXRDataset(Dataset):
         return self.sample(i)[1]
 
     def __getitem__(self, i: int) -> dict:
+        i = int(i)
         if self._cache is None:
-            return self._render(int(i))
-        if int(i) not in self._cache:
-            self._cache[int(i)] = self._render(int(i))
-        return {key: value.clone() if torch.is_tensor(value) else value for key, value in self._cache[int(i)].items()}
+            return self._render(i)
+        if i not in self._cache:
+            self._cache[i] = self._render(i)
+        return {key: value.clone() if torch.is_tensor(value) else value for key, value in self._cache[i].items()}
 
     def _render(self, i: int) -> dict:
         prompt, ph = self.sample(i)
