@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from lightning_modules.optim import adamw_with_warmup
+from lightning_modules.optim import adamw_with_warmup, grad_scaled
 
 
 class AutoencoderModule(L.LightningModule):
@@ -50,7 +50,7 @@ class AutoencoderModule(L.LightningModule):
 
     def configure_optimizers(self):
         return adamw_with_warmup(self.vae.parameters(), total_steps=self.hparams.total_steps,
-                                 **(self.hparams.optimizer or {"lr": 1e-3}))
+                                 grad_scaled=grad_scaled(self), **(self.hparams.optimizer or {"lr": 1e-3}))
 
     @torch.no_grad()
     def latent_scaling_factor(self, loader) -> float:

@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics.classification import MultilabelAUROC
 from torchvision.models.regnet import BlockParams, RegNet
 
-from lightning_modules.optim import adamw_with_warmup
+from lightning_modules.optim import adamw_with_warmup, grad_scaled
 
 ABNORMAL = "abnormal"
 SALIENCY_METHODS = ("gradcam", "gradient_x_input")
@@ -175,4 +175,4 @@ class FindingClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         return adamw_with_warmup(self.network.parameters(), total_steps=self.hparams.total_steps,
-                                 **(self.hparams.optimizer or {"lr": 1e-3}))
+                                 grad_scaled=grad_scaled(self), **(self.hparams.optimizer or {"lr": 1e-3}))

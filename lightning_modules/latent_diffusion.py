@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-from lightning_modules.optim import adamw_with_warmup
+from lightning_modules.optim import adamw_with_warmup, grad_scaled
 from lightning_modules.prompt_encoder import PromptEncoder
 from lightning_modules.vae import load_vae, posterior
 
@@ -122,7 +122,7 @@ class LatentDiffusionModule(L.LightningModule):
     # ---- optimisation and EMA -------------------------------------------------------------------------------
     def configure_optimizers(self):
         return adamw_with_warmup(self.unet.parameters(), total_steps=self.hparams.total_steps,
-                                 **(self.hparams.optimizer or {"lr": 1e-4}))
+                                 grad_scaled=grad_scaled(self), **(self.hparams.optimizer or {"lr": 1e-4}))
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
