@@ -447,8 +447,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"attribution: no readable image under {cfg.input}: {reasons}")
     finding_names = tuple(datamodule.finding_names) if datamodule is not None else ()
 
-    models = Models(CounterfactualPipeline.from_checkpoint(cfg.checkpoint, cfg.device, normal_prompt=cfg.target_prompt),
-                    None, None)
+    pipeline = CounterfactualPipeline.from_checkpoint(cfg.checkpoint, cfg.device, normal_prompt=cfg.target_prompt,
+                                                      compile=cfg.compile)
+    models = Models(pipeline, None, None)
     models.classifier = None if cfg.tune.enabled else load_classifier(cfg, notes)
     if models.classifier is None and "saliency" in methods:
         methods.remove("saliency")

@@ -87,7 +87,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     loader = DataLoader(Subset(dataset, indices), batch_size=cfg.batch_size, num_workers=datamodule.num_workers)
 
     device = device_of(cfg.device)
-    pipeline = CounterfactualPipeline.from_checkpoint(cfg.checkpoint, device, normal_prompt=datamodule.normal_prompt)
+    pipeline = CounterfactualPipeline.from_checkpoint(cfg.checkpoint, device, normal_prompt=datamodule.normal_prompt,
+                                                      compile=cfg.compile)
     extractors, skipped = build_extractors(cfg.fid.inception, cfg.fid.inception_weights, cfg.classifier_checkpoint)
     metrics = GenerationMetrics((NORMAL, *datamodule.finding_names), datamodule.image_size, extractors).to(device)
     generation = OmegaConf.to_container(cfg.generation, resolve=True)

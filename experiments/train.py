@@ -14,7 +14,7 @@ from lightning_modules.latent_diffusion import LatentDiffusionModule
 from lightning_modules.metric_callbacks import CounterfactualGridLogger, GenerationMetricsLogger, HParamsLogger
 
 #: the model keys that build LatentDiffusionModule (the rest of `model` configures stage 1 and the classifier)
-MODULE_KEYS = ("vae", "unet", "prompt_encoder", "noise_scheduler", "p_uncond", "ema", "optimizer")
+MODULE_KEYS = ("vae", "unet", "prompt_encoder", "noise_scheduler", "p_uncond", "ema", "optimizer", "compile")
 
 
 def build_module(cfg, datamodule) -> LatentDiffusionModule:

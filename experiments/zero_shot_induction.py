@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"inducing '{prompt}' in {len(inputs.ids)} image(s) x {len(cfg.seeds)} seed(s)")
 
     start = time.perf_counter()
-    pipeline = CounterfactualPipeline.from_checkpoint(cfg.checkpoint, cfg.device, cfg.use_ema)
+    pipeline = CounterfactualPipeline.from_checkpoint(cfg.checkpoint, cfg.device, cfg.use_ema, compile=cfg.compile)
     inductions = induce_all(cfg, pipeline, finding_probability(cfg), inputs, prompt)
     elapsed = time.perf_counter() - start
 

@@ -6,8 +6,9 @@ image -> latent (frozen VAE, cached) -> noised latent (DDPM ``add_noise``) -> UN
 from __future__ import annotations
 
 import contextlib
+import functools
 import zlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lightning as L
 import torch
@@ -39,7 +40,8 @@ class LatentDiffusionModule(L.LightningModule):
 
     def __init__(self, vae: dict, unet: dict, prompt_encoder: dict, noise_scheduler: dict, p_uncond: float = 0.15,
                  ema: dict | None = None, optimizer: dict | None = None, cache_latents: bool = True,
-                 image_size: int = 64, total_steps: int | None = None, sampling: dict | None = None):
+                 image_size: int = 64, total_steps: int | None = None, sampling: dict | None = None,
+                 compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.vae = load_vae(**vae)
@@ -55,6 +57,12 @@ class LatentDiffusionModule(L.LightningModule):
         self.ema = EMAModel(self.unet.parameters(), **ema) if ema else None
         self.strict_loading = False  # frozen weights are not in our checkpoints
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @functools.cached_property
+    def training_unet(self) -> Callable:
+        """The UNet as the training step calls it: ``torch.compile``d when ``compile`` is on. A cached attribute, not
+        a submodule: checkpoints, the EMA, validation and sampling all use the one eager UNet and its weights."""
+        return torch.compile(self.unet) if self.hparams.compile else self.unet
 
     @property
     def vae_scale_factor(self) -> int:
@@ -96,7 +104,8 @@ class LatentDiffusionModule(L.LightningModule):
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator, device=self.device)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)  # q_sample
-        prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=embeddings).sample
+        unet = self.training_unet if training else self.unet
+        prediction = unet(noisy_latents, timesteps, encoder_hidden_states=embeddings).sample
         loss = F.mse_loss(prediction, self.target(latents, noise, timesteps))
         self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True,
                  sync_dist=not training, batch_size=latents.shape[0])

@@ -47,26 +47,30 @@ class InductionOutput:
 
 class CounterfactualPipeline:
     def __init__(self, vae, unet, scheduler: DDIMScheduler, prompt_encoder,
-                 normal_prompt: str = "no acute cardiopulmonary abnormality"):
-        self.vae, self.unet, self.scheduler, self.prompt_encoder = vae, unet, scheduler, prompt_encoder
+                 normal_prompt: str = "no acute cardiopulmonary abnormality", compile: bool = False):
+        """``compile``: run the UNet ``torch.compile``d (the same weights): faster once compiled, which costs every
+        new input shape a compilation first (`make bench` measures both)."""
+        self.unet = torch.compile(unet) if compile else unet
+        self.vae, self.scheduler, self.prompt_encoder = vae, scheduler, prompt_encoder
         self.inverse_scheduler = DDIMInverseScheduler.from_config(scheduler.config)
         self.normal_prompt = normal_prompt
 
     @classmethod
-    def from_module(cls, module: LatentDiffusionModule, normal_prompt: str | None = None) -> "CounterfactualPipeline":
+    def from_module(cls, module: LatentDiffusionModule, normal_prompt: str | None = None,
+                    compile: bool = False) -> "CounterfactualPipeline":
         """Shares the module's components (use inside ``module.ema_weights()`` to sample with the EMA)."""
         sampling = module.hparams.sampling or {}
         scheduler = DDIMScheduler.from_config(module.noise_scheduler.config, **sampling.get("scheduler", {}))
         return cls(module.vae, module.unet, scheduler, module.prompt_encoder,
-                   normal_prompt or sampling.get("normal_prompt", "no acute cardiopulmonary abnormality"))
+                   normal_prompt or sampling.get("normal_prompt", "no acute cardiopulmonary abnormality"), compile)
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str | torch.device = "cpu", use_ema: bool = True,
-                        normal_prompt: str | None = None) -> "CounterfactualPipeline":
+                        normal_prompt: str | None = None, compile: bool = False) -> "CounterfactualPipeline":
         module = LatentDiffusionModule.from_checkpoint(path)
         if use_ema and module.ema is not None:
             module.ema.copy_to(module.unet.parameters())
-        return cls.from_module(module.to(device).eval(), normal_prompt)
+        return cls.from_module(module.to(device).eval(), normal_prompt, compile)
 
     @property
     def device(self) -> torch.device:

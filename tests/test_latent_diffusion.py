@@ -95,3 +95,30 @@ def test_from_checkpoint_refuses_a_mismatched_model(tiny_ldm, tmp_path):
                path)
     with pytest.raises(RuntimeError, match="does not match"):
         LatentDiffusionModule.from_checkpoint(str(path))
+
+
+def test_compiled_training_step_matches_eager_and_keeps_one_set_of_weights(tiny_ldm):
+    """model.compile: training runs the compiled UNet (the same weights: the same loss and gradients), while state
+    dicts, validation and sampling keep the eager UNet."""
+    compiled = LatentDiffusionModule(**{**tiny_ldm.hparams, "compile": True})
+    compiled.unet.load_state_dict(tiny_ldm.unet.state_dict())
+    assert list(compiled.state_dict()) == list(tiny_ldm.state_dict())
+    assert tiny_ldm.training_unet is tiny_ldm.unet and compiled.training_unet is not compiled.unet
+
+    losses, grads = [], []
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    for module in (tiny_ldm, compiled):
+        module.train()
+        module.unet.zero_grad()
+        torch.manual_seed(0)  # the same prompt dropout, noise and timesteps
+        loss = module._common_step(_batch(), "train")
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in module.unet.parameters()])
+        module.unet.zero_grad()
+        module.eval()
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # the compiled step really ran compiled
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
+    for eager, comp in zip(*grads):
+        torch.testing.assert_close(comp, eager, rtol=1e-3, atol=1e-5)
+    assert list(compiled.state_dict()) == list(tiny_ldm.state_dict())  # still no second copy of the weights

@@ -108,3 +108,12 @@ def test_vae_encode_decode_shapes(tiny_ldm, images):
     latents = encode(tiny_ldm.vae, images)
     assert latents.shape == (2, 4, 16, 16)
     assert decode(tiny_ldm.vae, latents).shape == images.shape
+
+
+def test_a_compiled_pipeline_gives_the_eager_counterfactuals(tiny_ldm, pipeline, images):
+    """compile=True (attribution/evaluate/induction `compile`, make bench): the same weights, the same outputs."""
+    compiled = CounterfactualPipeline.from_module(tiny_ldm, compile=True)
+    assert isinstance(compiled.unet, torch._dynamo.eval_frame.OptimizedModule) and compiled.device == pipeline.device
+    settings = dict(method="sdedit", strength=0.6, num_inference_steps=4, guidance_scale=3.0, seed=7)
+    torch.testing.assert_close(compiled(images, **settings).images, pipeline(images, **settings).images,
+                               atol=1e-5, rtol=1e-4)
