@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
+from lightning_modules.compiled_unet import compile_unet
 from lightning_modules.optim import adamw_with_warmup, grad_scaled
 from lightning_modules.prompt_encoder import PromptEncoder
 from lightning_modules.vae import load_vae, posterior
@@ -62,7 +63,7 @@ class LatentDiffusionModule(L.LightningModule):
     def training_unet(self) -> Callable:
         """The UNet as the training step calls it: ``torch.compile``d when ``compile`` is on. A cached attribute, not
         a submodule: checkpoints, the EMA, validation and sampling all use the one eager UNet and its weights."""
-        return torch.compile(self.unet) if self.hparams.compile else self.unet
+        return compile_unet(self.unet) if self.hparams.compile else self.unet
 
     @property
     def vae_scale_factor(self) -> int:

@@ -22,6 +22,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from lightning_modules.attribution import signed_map
+from lightning_modules.compiled_unet import compile_unet
 from lightning_modules.induction import feather_mask, latent_mask
 from lightning_modules.latent_diffusion import NULL_PROMPT, LatentDiffusionModule
 from lightning_modules.vae import decode, encode
@@ -50,7 +51,7 @@ class CounterfactualPipeline:
                  normal_prompt: str = "no acute cardiopulmonary abnormality", compile: bool = False):
         """``compile``: run the UNet ``torch.compile``d (the same weights): faster once compiled, which costs every
         new input shape a compilation first (`make bench` measures both)."""
-        self.unet = torch.compile(unet) if compile else unet
+        self.unet = compile_unet(unet) if compile else unet
         self.vae, self.scheduler, self.prompt_encoder = vae, scheduler, prompt_encoder
         self.inverse_scheduler = DDIMInverseScheduler.from_config(scheduler.config)
         self.normal_prompt = normal_prompt
