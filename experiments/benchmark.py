@@ -1,16 +1,20 @@
 """Performance benchmark: training and counterfactual throughput of ours against the references, in one process.
 
     python experiments/benchmark.py                              # default CPU sizes -> outputs/bench/bench.{json,md}
+    python experiments/benchmark.py compile=false                # eager lines only (no 2 minutes of compilation)
     python experiments/benchmark.py --quick output_dir=/tmp/b    # tiny networks, 3 repeats: a smoke check (< 30 s)
     python experiments/benchmark.py trainer=gpu repeats=10       # one GPU, bf16 training profile
 
 Every network has random weights and every input is fixed random data, so it runs on a fresh clone. Lines:
 
 * training images/s of ``LatentDiffusionModule`` as Lightning runs it, with the prompt-embedding and latent caches on
-  and off, against the same UNet trained by a plain loop that encodes every image with the VAE and every prompt with
-  the prompt encoder on every step, as diffusers' ``examples/text_to_image/train_text_to_image.py`` does;
-* counterfactual images/s of our ``sdedit`` against diffusers' ``StableDiffusionImg2ImgPipeline`` on the same
-  components and settings (outputs asserted equal), and of our ``inversion``;
+  and off (and on with ``compile``), against the same UNet trained by a plain loop that encodes every image with the
+  VAE and every prompt with the prompt encoder on every step, as diffusers'
+  ``examples/text_to_image/train_text_to_image.py`` does;
+* counterfactual images/s of our ``sdedit`` (eager and compiled) against diffusers' ``StableDiffusionImg2ImgPipeline``
+  on the same components and settings (outputs asserted equal), and of our ``inversion``;
+* with ``compile`` on, what compilation costs once (timed cold: an empty inductor cache) and how many training steps
+  or sdedit calls repay it;
 * peak memory of each line, and the UNet's achieved FLOP rate (forward + backward) as a fraction of this machine's
   float32 matrix-multiply peak measured in the same run.
 """
@@ -39,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -47,15 +52,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from datamodules.prompts import PromptBank
 from datamodules.synthetic import SyntheticCXRDataset
 from experiments.runner import load_config, write_results
+from lightning_modules.compiled_unet import compile_unet
 from lightning_modules.latent_diffusion import NULL_PROMPT, LatentDiffusionModule, drop_prompts
-from lightning_modules.optim import adamw_with_warmup
 from lightning_modules.pipeline import CounterfactualPipeline
 from lightning_modules.prompt_encoder import PromptEncoder
 
-#: --quick: the smoke-sized networks and batches, a few repeats, one thread (immune to a busy machine)
-QUICK = ["experiment=smoke", "repeats=3", "warmup=1", "counterfactual.batch_size=2", "matmul_size=256",
-         "counterfactual.sdedit.num_inference_steps=10", "counterfactual.inversion.num_inference_steps=2",
-         "num_threads=1"]
+#: --quick: the smoke-sized networks and batches, a few repeats, one thread (immune to a busy machine), nothing compiled
+QUICK = ["experiment=smoke", "repeats=3", "warmup=1", "train_steps_per_repeat=1", "counterfactual.batch_size=2",
+         "matmul_size=256", "counterfactual.sdedit.num_inference_steps=10", "counterfactual.inversion.num_inference_steps=2",
+         "num_threads=1", "compile=false"]
 #: the model keys that build LatentDiffusionModule
 MODULE_KEYS = ("unet", "noise_scheduler", "p_uncond", "ema", "optimizer")
 
@@ -120,7 +125,12 @@ class Line:
     seconds: list[float]
     items: float
     peak_memory_bytes: int
+    first_call_seconds: float
     unit: str = "images/s"
+
+    @classmethod
+    def of(cls, name: str, what: str, measured: "Measured", items: float, unit: str = "images/s") -> "Line":
+        return cls(name, what, measured.seconds, items, measured.peak_memory_bytes, measured.first_call_seconds, unit)
 
     @property
     def rates(self) -> np.ndarray:
@@ -135,7 +145,7 @@ class Line:
         return {"what": self.what, "unit": self.unit, "median": self.median, "q1": float(q1), "q3": float(q3),
                 "min": float(self.rates.min()), "max": float(self.rates.max()), "repeats": len(self.seconds),
                 "seconds": self.seconds, "items_per_repeat": self.items,
-                "peak_memory_mb": self.peak_memory_bytes / 2**20}
+                "peak_memory_mb": self.peak_memory_bytes / 2**20, "first_call_seconds": self.first_call_seconds}
 
 
 #: one call of a line: returns the seconds it counts, and records its peak memory into the ``PeakMemory`` given
@@ -153,24 +163,34 @@ def stopwatch(fn: Callable[[], object], device: torch.device) -> Call:
     return call
 
 
-def measure(calls: dict[str, Call], cfg: DictConfig, device: torch.device) -> dict[str, tuple[list[float], int]]:
+@dataclass
+class Measured:
+    seconds: list[float]  # what each timed call counts
+    peak_memory_bytes: int  # over the last warm-up call
+    first_call_seconds: float  # wall time of the first call: with its one-time work (caches, kernels, compilation)
+
+
+def measure(calls: dict[str, Call], cfg: DictConfig, device: torch.device) -> dict[str, Measured]:
     """Each line's seconds over ``repeats`` rounds after ``warmup`` calls, and its peak memory in the last warm-up
     call (the first call of a line allocates one-time caches: kernels, lazily built buffers, our embedding cache).
 
     Every round calls each line once, in reversed order every other round: the load of a shared machine drifts, and
     compared lines must see the same drift (lines run one after another can differ by more than the effect measured).
     """
-    memory = {}
+    memory, first = {}, {}
     for name, call in calls.items():
-        for _ in range(cfg.warmup - 1):
-            call()
-        memory[name] = PeakMemory(device, cfg.memory_interval)
-        call(memory[name])
+        for i in range(cfg.warmup):
+            last = i == cfg.warmup - 1
+            memory[name] = PeakMemory(device, cfg.memory_interval) if last else None
+            start = time.perf_counter()
+            call(memory[name])
+            if i == 0:
+                first[name] = time.perf_counter() - start
     seconds = {name: [] for name in calls}
     for round_ in range(cfg.repeats):
         for name in (list(calls) if round_ % 2 == 0 else reversed(list(calls))):
             seconds[name].append(calls[name]())
-    return {name: (seconds[name], memory[name].peak_bytes) for name in calls}
+    return {name: Measured(seconds[name], memory[name].peak_bytes, first[name]) for name in calls}
 
 
 # 2. fixed random inputs and random-weight components ----------------------------------------------------------------
@@ -198,14 +218,15 @@ def random_vae(cfg: DictConfig, directory: str) -> str:
     return directory
 
 
-def build_module(cfg: DictConfig, vae_dir: str, caches: bool) -> LatentDiffusionModule:
-    """Our module with random UNet weights (the same for every line: seeded) and both caches on or off."""
+def build_module(cfg: DictConfig, vae_dir: str, caches: bool, compile: bool = False) -> LatentDiffusionModule:
+    """Our module with random UNet weights (the same for every line: seeded), both caches on or off, and its training
+    step compiled or not."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     torch.manual_seed(cfg.seed)
     return LatentDiffusionModule(
         vae={"path": vae_dir}, prompt_encoder={**model["prompt_encoder"], "cache": caches},
         **{key: model[key] for key in MODULE_KEYS}, cache_latents=caches, image_size=cfg.data.image_size,
-        sampling={**model["sampling"], "normal_prompt": PromptBank.load(cfg.data.prompt_bank).target},
+        sampling={**model["sampling"], "normal_prompt": PromptBank.load(cfg.data.prompt_bank).target}, compile=compile,
     )
 
 
@@ -230,31 +251,37 @@ class StepTimer(L.Callback):
 
 def lightning_steps(cfg: DictConfig, module: LatentDiffusionModule, data: Dataset, device: torch.device) -> Call:
     """Ours as ``fit`` runs it (the trainer profile's precision and gradient clipping, EMA, logging): each call fits
-    two steps, over the two batches of ``data``, and returns the wall time between their ends (loading, step,
-    optimizer, EMA, Lightning). The first call fills the caches; the module keeps them across calls."""
+    1 + ``train_steps_per_repeat`` steps, one per batch of ``data``, and returns the wall time from the end of the
+    first to the end of the last (loading, steps, optimizer, EMA, Lightning). The first call fills the caches; the
+    module keeps them across calls."""
     profile = {key: cfg.trainer[key] for key in ("precision", "gradient_clip_val")}
     loader = DataLoader(data, batch_size=cfg.data.batch_size, shuffle=False)
+    steps = cfg.train_steps_per_repeat
 
     def call(memory: PeakMemory | None = None) -> float:
         timer = StepTimer(device, memory)
-        trainer = L.Trainer(**profile, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=2,
-                            limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+        trainer = L.Trainer(**profile, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                            max_steps=1 + steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[timer])
         trainer.fit(module, loader)
-        return timer.ends[1] - timer.ends[0]
+        return timer.ends[steps] - timer.ends[0]
     return call
 
 
 def plain_steps(cfg: DictConfig, module: LatentDiffusionModule, data: Dataset, device: torch.device) -> Call:
     """diffusers' ``train_text_to_image.py`` step on a copy of the module's UNet: every step encodes the images with
     the VAE (a posterior sample) and the prompts with the frozen encoder, then noise, UNet, MSE, backward, gradient
-    clipping, AdamW and its schedule, EMA; the same optimizer, EMA and clipping settings as ours."""
+    clipping, AdamW and its schedule, EMA; our optimizer, EMA and clipping settings, with that script's kernels
+    (its ``torch.optim.AdamW`` with the default per-parameter loop on the CPU, and ``--foreach_ema`` off)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     unet = copy.deepcopy(module.unet).to(device).train()
     vae, encoder, scheduler = module.vae.to(device), module.prompt_encoder.to(device), module.noise_scheduler
-    optim = adamw_with_warmup(unet.parameters(), **model["optimizer"])
-    optimizer, lr_scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
-    ema = EMAModel(unet.parameters(), **model["ema"])
+    optim = model["optimizer"]
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0),
+                                  betas=tuple(optim.get("betas", (0.9, 0.999))))
+    lr_scheduler = get_scheduler(optim["schedule"], optimizer, num_warmup_steps=optim["warmup_steps"])
+    ema = EMAModel(unet.parameters(), **{**model["ema"], "foreach": False})
     ema.to(device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=str(cfg.trainer.precision).startswith("bf16"))
     batches = itertools.cycle(DataLoader(data, batch_size=cfg.data.batch_size, shuffle=False))
@@ -275,23 +302,31 @@ def plain_steps(cfg: DictConfig, module: LatentDiffusionModule, data: Dataset, d
         lr_scheduler.step()
         optimizer.zero_grad()
         ema.step(unet.parameters())
-    return stopwatch(step, device)
+
+    def steps() -> None:
+        for _ in range(cfg.train_steps_per_repeat):
+            step()
+    return stopwatch(steps, device)
 
 
-TRAINING = {  # name: (what, caches, the steps)
+TRAINING = {  # name: (what, caches, compile, the steps)
     "train_plain": ("plain PyTorch loop, VAE + prompt encoder every step (diffusers train_text_to_image)",
-                    False, plain_steps),
-    "train_ours_caches_off": ("ours (Lightning), prompt-embedding and latent caches off", False, lightning_steps),
-    "train_ours_caches_on": ("ours (Lightning), prompt-embedding and latent caches on", True, lightning_steps),
+                    False, False, plain_steps),
+    "train_ours_caches_off": ("ours (Lightning), prompt-embedding and latent caches off", False, False,
+                              lightning_steps),
+    "train_ours_caches_on": ("ours (Lightning), prompt-embedding and latent caches on", True, False, lightning_steps),
+    "train_ours_compiled": ("ours (Lightning), caches on, model.compile=true", True, True, lightning_steps),
 }
 
 
 def training_lines(cfg: DictConfig, vae_dir: str, device: torch.device) -> list[Line]:
-    data = RandomImages(2 * cfg.data.batch_size, cfg.data.image_size, cfg.data.prompt_bank, cfg.seed)
-    calls = {name: run(cfg, build_module(cfg, vae_dir, caches), data, device)
-             for name, (_, caches, run) in TRAINING.items()}
-    return [Line(name, TRAINING[name][0], seconds, cfg.data.batch_size, memory)
-            for name, (seconds, memory) in measure(calls, cfg, device).items()]
+    steps = cfg.train_steps_per_repeat
+    data = RandomImages((1 + steps) * cfg.data.batch_size, cfg.data.image_size, cfg.data.prompt_bank, cfg.seed)
+    names = [name for name, (_, _, compile, _) in TRAINING.items() if cfg.compile or not compile]
+    calls = {name: TRAINING[name][3](cfg, build_module(cfg, vae_dir, *TRAINING[name][1:3]), data, device)
+             for name in names}
+    return [Line.of(name, TRAINING[name][0], measured, steps * cfg.data.batch_size)
+            for name, measured in measure(calls, cfg, device).items()]
 
 
 # 4. counterfactual lines --------------------------------------------------------------------------------------------
@@ -303,7 +338,10 @@ def counterfactual_lines(cfg: DictConfig, vae_dir: str, device: torch.device) ->
     A second diffusers line is given the embeddings precomputed: the two pipelines' loops alone."""
     c = cfg.counterfactual
     module = build_module(cfg, vae_dir, caches=True).to(device).eval()
-    ours = CounterfactualPipeline.from_module(module)
+    pipelines = {"": CounterfactualPipeline.from_module(module)}
+    if cfg.compile:
+        pipelines["_compiled"] = CounterfactualPipeline.from_module(module, compile=True)
+    ours = pipelines[""]
     peer = StableDiffusionImg2ImgPipeline(
         vae=module.vae, text_encoder=None, tokenizer=None, unet=module.unet, scheduler=ours.scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -317,10 +355,11 @@ def counterfactual_lines(cfg: DictConfig, vae_dir: str, device: torch.device) ->
     generator = lambda: torch.Generator("cpu").manual_seed(cfg.seed)  # noqa: E731
     outputs = {}
 
-    def run_ours(method: str) -> Call:
+    def run_ours(method: str, suffix: str = "") -> Call:
         def call() -> None:
-            outputs[method] = ours(images, method=method, target_prompt=ours.normal_prompt, generator=generator(),
-                                   **c[method]).images  # (B, 1, H, W) in [-1, 1]
+            outputs[method + suffix] = pipelines[suffix](
+                images, method=method, target_prompt=ours.normal_prompt, generator=generator(), **c[method]
+            ).images  # (B, 1, H, W) in [-1, 1]
         return stopwatch(call, device)
 
     def run_diffusers(precomputed: bool) -> Call:
@@ -333,17 +372,22 @@ def counterfactual_lines(cfg: DictConfig, vae_dir: str, device: torch.device) ->
 
     what = {"sdedit_diffusers": "diffusers StableDiffusionImg2ImgPipeline, encoding its prompts every call",
             "sdedit_diffusers_given_embeddings": "diffusers StableDiffusionImg2ImgPipeline, embeddings precomputed",
-            "sdedit_ours": "ours, sdedit", "inversion_ours": "ours, DDIM inversion then guided DDIM"}
+            "sdedit_ours": "ours, sdedit", "sdedit_ours_compiled": "ours, sdedit, the UNet compiled",
+            "inversion_ours": "ours, DDIM inversion then guided DDIM"}
     calls = {"sdedit_diffusers": run_diffusers(precomputed=False),
              "sdedit_diffusers_given_embeddings": run_diffusers(precomputed=True),
-             "sdedit_ours": run_ours("sdedit"), "inversion_ours": run_ours("inversion")}
-    lines = [Line(name, what[name], seconds, c.batch_size, memory)
-             for name, (seconds, memory) in measure(calls, cfg, device).items()]
+             **{f"sdedit_ours{suffix}": run_ours("sdedit", suffix) for suffix in pipelines},
+             "inversion_ours": run_ours("inversion")}
+    lines = [Line.of(name, what[name], measured, c.batch_size)
+             for name, measured in measure(calls, cfg, device).items()]
 
-    ours01 = (outputs["sdedit"] + 1) / 2
-    torch.testing.assert_close(ours01, outputs["diffusers"], atol=c.atol, rtol=c.rtol,
-                               msg=lambda m: f"sdedit differs from StableDiffusionImg2ImgPipeline: {m}")
-    return lines, {"sdedit_max_abs_difference": (ours01 - outputs["diffusers"]).abs().max().item()}
+    checks = {}
+    for suffix in pipelines:
+        ours01 = (outputs["sdedit" + suffix] + 1) / 2
+        torch.testing.assert_close(ours01, outputs["diffusers"], atol=c.atol, rtol=c.rtol,
+                                   msg=lambda m: f"sdedit{suffix} differs from StableDiffusionImg2ImgPipeline: {m}")
+        checks[f"sdedit{suffix}_max_abs_difference"] = (ours01 - outputs["diffusers"]).abs().max().item()
+    return lines, checks
 
 
 # 5. FLOP rate of the UNet against the matrix-multiply peak, and the speed-ups we tried on it -----------------------
@@ -352,6 +396,7 @@ VARIANTS = {
     "channels_last": "channels-last memory format",
     "bf16_autocast": "bfloat16 autocast (weights float32)",
     "compile": "torch.compile (compilation in the warm-up calls)",
+    "compile_math_attention": "torch.compile, attention as matmul-softmax-matmul (ours: compile_unet)",
 }
 
 
@@ -366,6 +411,8 @@ def unet_variant(name: str, unet: torch.nn.Module, latents: torch.Tensor, device
         return unet, latents, torch.autocast(device.type, torch.bfloat16)
     if name == "compile":
         return torch.compile(unet), latents, contextlib.nullcontext()
+    if name == "compile_math_attention":
+        return compile_unet(unet), latents, contextlib.nullcontext()
     raise ValueError(name)
 
 
@@ -404,8 +451,8 @@ def flop_lines(cfg: DictConfig, vae_dir: str, device: torch.device) -> list[Line
         what[f"unet_{variant}"] = f"the same, {VARIANTS[variant]}"
     calls["matmul_peak"] = stopwatch(lambda: torch.mm(a, b), device)
     what["matmul_peak"] = f"float32 torch.mm {n} x {n}"
-    return [Line(name, what[name], seconds, 2 * n**3 if name == "matmul_peak" else unet_flops, memory, unit="FLOP/s")
-            for name, (seconds, memory) in measure(calls, cfg, device).items()]
+    return [Line.of(name, what[name], measured, 2 * n**3 if name == "matmul_peak" else unet_flops, unit="FLOP/s")
+            for name, measured in measure(calls, cfg, device).items()]
 
 
 # 6. report ----------------------------------------------------------------------------------------------------------
@@ -416,16 +463,36 @@ def environment(device: torch.device) -> dict:
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
+def compile_cost(eager: Line, compiled: Line, calls_per_repeat: int = 1) -> dict:
+    """Compilation's one-time seconds (the compiled line's first call minus the eager line's: both also fill the same
+    caches) and the calls (training steps: a repeat makes ``calls_per_repeat``) that repay it (None if compiled calls
+    are not faster)."""
+    seconds = compiled.first_call_seconds - eager.first_call_seconds
+    items = compiled.items / calls_per_repeat
+    saved = items / eager.median - items / compiled.median  # seconds per call
+    return {"seconds": seconds, "items_per_call": items, "break_even_calls": seconds / saved if saved > 0 else None}
+
+
 def report(cfg: DictConfig, lines: list[Line], checks: dict, device: torch.device, load: tuple[tuple, tuple],
            wall: float) -> dict:
+    """The ratios of medians measured in this run; ours is the compiled line where ``compile`` timed one."""
     by = {line.name: line for line in lines}
     peak = max(by["matmul_peak"].rates)  # the best repeat: the machine's peak, not its mean under load
+    train_ours = by["train_ours_compiled" if cfg.compile else "train_ours_caches_on"]
+    sdedit_ours = by["sdedit_ours_compiled" if cfg.compile else "sdedit_ours"]
     return {
-        "train_speedup_vs_plain": by["train_ours_caches_on"].median / by["train_plain"].median,
+        "train_speedup_vs_plain": train_ours.median / by["train_plain"].median,
+        "train_speedup_vs_plain_eager": by["train_ours_caches_on"].median / by["train_plain"].median,
         "train_speedup_caches_on_vs_off": by["train_ours_caches_on"].median / by["train_ours_caches_off"].median,
-        "sdedit_speedup_vs_diffusers": by["sdedit_ours"].median / by["sdedit_diffusers"].median,
+        "sdedit_speedup_vs_diffusers": sdedit_ours.median / by["sdedit_diffusers"].median,
+        "sdedit_speedup_vs_diffusers_eager": by["sdedit_ours"].median / by["sdedit_diffusers"].median,
         "sdedit_speedup_vs_diffusers_given_embeddings":
             by["sdedit_ours"].median / by["sdedit_diffusers_given_embeddings"].median,
+        "ours": {"train": train_ours.name, "sdedit": sdedit_ours.name},
+        "compile": {"train_steps": compile_cost(by["train_ours_caches_on"], by["train_ours_compiled"],
+                                                cfg.train_steps_per_repeat),
+                    "sdedit_calls": compile_cost(by["sdedit_ours"], by["sdedit_ours_compiled"]),
+                    "timed": "cold: an empty inductor cache"} if cfg.compile else None,
         "unet_peak_fraction": by["unet_forward_backward"].median / peak,
         "unet_variant_speedups": {variant: by[f"unet_{variant}"].median / by["unet_forward_backward"].median
                                   for variant in cfg.unet_variants},
@@ -443,6 +510,19 @@ def _rate(value: float, unit: str) -> str:
     return f"{value / 1e9:.2f} G" if unit == "FLOP/s" else f"{value:.1f}"
 
 
+def compile_notes(compile: dict | None) -> list[str]:
+    if compile is None:
+        return []
+
+    def repaid(cost: dict, unit: str) -> str:
+        calls = cost["break_even_calls"]
+        if calls is None:
+            return f"{cost['seconds']:.0f} s, never repaid (not faster)"
+        return f"{cost['seconds']:.0f} s, repaid after {calls:.0f} {unit} of {cost['items_per_call']:g} images"
+    return [f"- compilation, timed {compile['timed']}, once per process and input shape: "
+            f"training {repaid(compile['train_steps'], 'steps')}; sdedit {repaid(compile['sdedit_calls'], 'calls')}"]
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     settings = result["settings"]
@@ -457,13 +537,18 @@ def markdown(result: dict) -> str:
         f"Benchmark on {env['device']} ({env['cpu']}, {env['num_threads']} threads, torch {env['torch']}, "
         f"1-min load average {env['load_average_before'][0]:.1f} before, {env['load_average_after'][0]:.1f} after, "
         f"{env['wall_seconds']:.0f} s); each line: "
-        f"{settings['repeats']} timed repeats after {settings['warmup']} warm-up, interleaved:", "",
+        f"{settings['repeats']} timed repeats (a training repeat: {settings['train_steps_per_repeat']} steps) after "
+        f"{settings['warmup']} warm-up, interleaved:", "",
         *rows, "",
-        f"- training, ours (caches on) / plain loop: **{result['train_speedup_vs_plain']:.2f}x** "
-        f"(caches on / off: {result['train_speedup_caches_on_vs_off']:.2f}x)",
-        f"- sdedit, ours / diffusers img2img: **{result['sdedit_speedup_vs_diffusers']:.2f}x** "
-        f"(given precomputed embeddings: {result['sdedit_speedup_vs_diffusers_given_embeddings']:.2f}x); "
-        f"outputs equal to {result['checks']['sdedit_max_abs_difference']:.1e}",
+        f"- training, ours ({result['ours']['train']}) / plain loop: **{result['train_speedup_vs_plain']:.2f}x** "
+        f"(eager, caches on: {result['train_speedup_vs_plain_eager']:.2f}x; "
+        f"caches on / off: {result['train_speedup_caches_on_vs_off']:.2f}x)",
+        f"- sdedit, ours ({result['ours']['sdedit']}) / diffusers img2img: "
+        f"**{result['sdedit_speedup_vs_diffusers']:.2f}x** (eager: {result['sdedit_speedup_vs_diffusers_eager']:.2f}x;"
+        f" eager / diffusers given precomputed embeddings: "
+        f"{result['sdedit_speedup_vs_diffusers_given_embeddings']:.2f}x); outputs equal to diffusers' to "
+        f"{max(result['checks'].values()):.1e}",
+        *compile_notes(result["compile"]),
         f"- UNet forward + backward: **{result['unet_peak_fraction']:.1%}** of the measured float32 matmul peak "
         f"({result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, best repeat)",
         *(f"- UNet forward + backward, {VARIANTS[variant]} / float32: {speedup:.2f}x"
@@ -473,6 +558,22 @@ def markdown(result: dict) -> str:
         f"sdedit {counterfactual['sdedit']}, inversion {counterfactual['inversion']}",
         "",
     ])
+
+
+@contextlib.contextmanager
+def cold_compile_caches(directory: str) -> Iterator[None]:
+    """Compiled code cached in ``directory`` only: compilation is timed as a fresh machine pays it."""
+    names = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: os.path.join(directory, name.lower()) for name in names})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -507,7 +608,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     load, start = os.getloadavg(), time.perf_counter()
 
-    with quiet_lightning(), tempfile.TemporaryDirectory() as tmp:
+    with quiet_lightning(), tempfile.TemporaryDirectory() as tmp, cold_compile_caches(tmp):
         vae_dir = random_vae(cfg, tmp)
         lines = training_lines(cfg, vae_dir, device)
         counterfactual, checks = counterfactual_lines(cfg, vae_dir, device)
