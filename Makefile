@@ -57,7 +57,8 @@ demo-covid-layout: $(STAMP)
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1 --port $(or $(PORT),6006)
 
-# training and counterfactual throughput against the diffusers references -> outputs/bench/bench.{json,md} (1-2 min on 2 cores)
+# training and counterfactual throughput against the diffusers references -> outputs/bench/bench.{json,md}
+# (about 4 min on 2 cores, 2 of them compiling; ARGS="compile=false" for the eager lines only)
 bench: $(STAMP)
 	$(PY) experiments/benchmark.py $(ARGS)
 

@@ -59,8 +59,8 @@ from lightning_modules.prompt_encoder import PromptEncoder
 
 #: --quick: the smoke-sized networks and batches, a few repeats, one thread (immune to a busy machine), nothing compiled
 QUICK = ["experiment=smoke", "repeats=3", "warmup=1", "train_steps_per_repeat=1", "counterfactual.batch_size=2",
-         "matmul_size=256", "counterfactual.sdedit.num_inference_steps=10", "counterfactual.inversion.num_inference_steps=2",
-         "num_threads=1", "compile=false"]
+         "matmul_size=256", "counterfactual.sdedit.num_inference_steps=10",
+         "counterfactual.inversion.num_inference_steps=2", "num_threads=1", "compile=false"]
 #: the model keys that build LatentDiffusionModule
 MODULE_KEYS = ("unet", "noise_scheduler", "p_uncond", "ema", "optimizer")
 
