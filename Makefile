@@ -20,7 +20,7 @@ TRAIN_OVERRIDES = $(if $(filter gpu,$(ACCELERATOR)),trainer=gpu) \
 	trainer.accelerator=$(ACCELERATOR) trainer.devices=$(DEVICES) trainer.num_nodes=$(NODES) \
 	$(if $(DDP),trainer.strategy=ddp) $(ARGS)
 
-.PHONY: lock install test demo demo-covid-layout train train-autoencoder train-classifier tensorboard bench clean
+.PHONY: lock install test test-fast demo demo-covid-layout train train-autoencoder train-classifier tensorboard bench clean
 
 $(STAMP): setup.cfg requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,17 @@ $(STAMP): setup.cfg requirements.lock
 
 install: $(STAMP)
 
+# make test: every test, the fast ones first, then the slow ones (training runs, torch.compile, 2-process DDP: marked
+# `slow` in tests/); make test-fast: the fast ones alone. PYTEST_ARGS="-x -k name" passes options on to pytest.
+# pytest's exit code 5 (no test selected, e.g. a -k that matches only fast tests) is not a failure.
+pytest = $(PY) -m pytest $(1) $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(call pytest,-m "not slow")
+	$(call pytest,-m slow)
+
+test-fast: $(STAMP)
+	$(call pytest,-m "not slow")
 
 train-autoencoder: $(STAMP)
 	$(PY) experiments/train_autoencoder.py $(TRAIN_OVERRIDES)

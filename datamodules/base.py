@@ -77,3 +77,10 @@ def to_model_range(image01: torch.Tensor) -> torch.Tensor:
 def to_unit_range(image: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1] for display and metrics."""
     return ((image + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def spread_indices(length: int, count: int | None) -> list[int]:
+    """``count`` indices evenly spread over ``range(length)`` (all of them for None): datasets stored class by class
+    (COVID-19 Radiography) then give every class its share, where the first ``count`` would give one class."""
+    count = length if count is None else min(count, length)
+    return [round(i * (length - 1) / (count - 1)) for i in range(count)] if count > 1 else list(range(count))

@@ -42,4 +42,4 @@ done
 
 step "report"
 $PY experiments/demo_report.py "$OUT" > /dev/null
-step "done in $(( $(date +%s) - start ))s: TensorBoard logs in $LOGS, results in $OUT (summary: $OUT/report.md)"
+step "done in $(( $(date +%s) - start ))s: TensorBoard logs in $LOGS, results in $OUT (summary: $OUT/report.md = docs/results.md)"

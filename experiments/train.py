@@ -8,35 +8,21 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from experiments.runner import build_datamodule, build_trainer, fit, load_config, log, seed_and_threads
-from lightning_modules.callbacks import SampleGridLogger
-from lightning_modules.latent_diffusion import LatentDiffusionModule
-from lightning_modules.metric_callbacks import CounterfactualGridLogger, GenerationMetricsLogger, HParamsLogger
-
-#: the model keys that build LatentDiffusionModule (the rest of `model` configures stage 1 and the classifier)
-MODULE_KEYS = ("vae", "unet", "prompt_encoder", "noise_scheduler", "p_uncond", "ema", "optimizer", "compile")
-
-
-def build_module(cfg, datamodule) -> LatentDiffusionModule:
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    cache_latents = model["cache_latents"] and not datamodule.has_random_augmentation
-    if model["cache_latents"] and not cache_latents:
-        log.warning("model.cache_latents ignored: the data has random augmentation, so latents change every epoch")
-    return LatentDiffusionModule(
-        **{key: model[key] for key in MODULE_KEYS}, cache_latents=cache_latents,
-        image_size=datamodule.image_size, total_steps=cfg.trainer.max_steps,
-        sampling={**model["sampling"], "normal_prompt": datamodule.normal_prompt},
-    )
+from lightning_modules.image_callbacks import CounterfactualGridLogger, SampleGridLogger
+from lightning_modules.metric_callbacks import GenerationMetricsLogger, HParamsLogger
+from lightning_modules.runs.cli import load_config
+from lightning_modules.runs.training import (build_datamodule, build_latent_diffusion, build_trainer, fit,
+                                             seed_and_threads)
 
 
 def main(argv: list[str] | None = None):
     cfg = load_config("train", argv)
     seed_and_threads(cfg)
     datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule)
+    module = build_latent_diffusion(cfg, datamodule)
     trainer = build_trainer(cfg, [
         SampleGridLogger(**cfg.callbacks.samples),
-        CounterfactualGridLogger(**cfg.callbacks.counterfactuals),
+        CounterfactualGridLogger(**OmegaConf.to_container(cfg.callbacks.counterfactuals, resolve=True)),
         GenerationMetricsLogger(**OmegaConf.to_container(cfg.callbacks.generation_metrics, resolve=True)),
         HParamsLogger(OmegaConf.to_container(cfg, resolve=True)),
     ])

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from experiments.runner import build_datamodule, build_trainer, fit, load_config, log, seed_and_threads
+from lightning_modules.runs.cli import load_config, log
+from lightning_modules.runs.training import build_datamodule, build_trainer, fit, seed_and_threads
 from lightning_modules.autoencoder import AutoencoderModule
-from lightning_modules.callbacks import ReconstructionLogger
+from lightning_modules.image_callbacks import ReconstructionLogger
 
 
 def main(argv: list[str] | None = None) -> Path | None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from experiments.runner import build_datamodule, build_trainer, fit, load_config, log, seed_and_threads
+from lightning_modules.runs.cli import load_config, log
+from lightning_modules.runs.training import build_datamodule, build_trainer, fit, seed_and_threads
 from lightning_modules.classifier import FindingClassifier
 
 

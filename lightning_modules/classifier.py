@@ -95,10 +95,6 @@ class FindingClassifier(L.LightningModule):
     def abnormal_probability(self, images: torch.Tensor) -> torch.Tensor:
         return self.probabilities(images)[:, -1]  # (B,)
 
-    def counterfactual_validity(self, counterfactuals: torch.Tensor, threshold: float = 0.5) -> float:
-        """Share of the (abnormal inputs') counterfactuals the classifier calls healthy: the flip rate."""
-        return (self.abnormal_probability(counterfactuals) < threshold).float().mean().item()
-
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, F) pooled features, the input of the classification head: a domain-specific FID's embedding."""

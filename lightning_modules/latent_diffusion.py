@@ -13,17 +13,14 @@ from typing import Callable, Iterator
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from lightning_modules.compiled_unet import compile_unet
+from lightning_modules.components import FROZEN_PREFIXES, build_components, vae_scale_factor
 from lightning_modules.optim import adamw_with_warmup, grad_scaled
-from lightning_modules.prompt_encoder import PromptEncoder
-from lightning_modules.vae import load_vae, posterior
-
-#: the null prompt of classifier-free guidance
-NULL_PROMPT = ""
-FROZEN_PREFIXES = ("vae.", "prompt_encoder.")
+from lightning_modules.pipeline import LatentDiffusionPipeline
+from lightning_modules.prompt_encoder import NULL_PROMPT
+from lightning_modules.vae import posterior
 
 
 def drop_prompts(prompts: list[str], p_uncond: float, generator: torch.Generator | None = None) -> list[str]:
@@ -45,16 +42,8 @@ class LatentDiffusionModule(L.LightningModule):
                  compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
-        self.vae = load_vae(**vae)
-        self.prompt_encoder = PromptEncoder(**prompt_encoder)
-        self.unet = UNet2DConditionModel(
-            sample_size=image_size // self.vae_scale_factor,
-            in_channels=self.vae.config.latent_channels,
-            out_channels=self.vae.config.latent_channels,
-            cross_attention_dim=self.prompt_encoder.hidden_size,
-            **unet,
-        )
-        self.noise_scheduler = DDPMScheduler(**noise_scheduler)
+        self.vae, self.prompt_encoder, self.unet, self.noise_scheduler = build_components(
+            vae, unet, prompt_encoder, noise_scheduler, image_size)
         self.ema = EMAModel(self.unet.parameters(), **ema) if ema else None
         self.strict_loading = False  # frozen weights are not in our checkpoints
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -67,7 +56,7 @@ class LatentDiffusionModule(L.LightningModule):
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     def train(self, mode: bool = True) -> "LatentDiffusionModule":
         super().train(mode)
@@ -156,6 +145,19 @@ class LatentDiffusionModule(L.LightningModule):
         finally:
             self.ema.restore(self.unet.parameters())
 
+    @contextlib.contextmanager
+    def sampling_pipeline(self, compile: bool = False) -> Iterator[LatentDiffusionPipeline]:
+        """A pipeline on this module's parts with the EMA weights, in eval mode; the training state (mode, weights)
+        comes back however the block ends. What every callback that samples during training uses."""
+        was_training = self.training
+        self.eval()
+        try:
+            with self.ema_weights():
+                yield LatentDiffusionPipeline.from_parts(self.vae, self.unet, self.noise_scheduler,
+                                                         self.prompt_encoder, self.hparams.sampling, compile)
+        finally:
+            self.train(was_training)
+
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -168,17 +170,3 @@ class LatentDiffusionModule(L.LightningModule):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
             self.ema.to(self.device)
-
-    @classmethod
-    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu",
-                        **overrides) -> "LatentDiffusionModule":
-        """Rebuild from a checkpoint with ``weights_only=True`` loading (no pickled code is executed)."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        module = cls(**{**checkpoint["hyper_parameters"], **overrides})
-        missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
-        if unexpected or any(not key.startswith(FROZEN_PREFIXES) for key in missing):
-            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
-                               f"unexpected {unexpected}")
-        module.on_load_checkpoint(checkpoint)
-        return module.eval()
-

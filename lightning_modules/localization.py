@@ -1,4 +1,4 @@
-"""Scores of attribution maps against ground-truth lesion masks, and of counterfactuals as counterfactuals.
+"""Scores of attribution maps against ground-truth lesion masks.
 
 Localization (method.md §4, as What is Healthy? reports it): every pixel of every scored image is one binary
 prediction, pooled over the set, so one threshold serves all images:
@@ -14,16 +14,12 @@ million pixels); an integer bins maps in [0, 1] at that many thresholds in const
 Per finding type ``k``: only images that contain a finding of type ``k``; positives are the pixels of type ``k``'s
 mask, pixels of the image's *other* findings are ignored (neither positive nor negative), all other pixels are
 negatives. "overall" scores every scored image against its full lesion mask.
-
-Counterfactual scores (method.md §4): ``validity`` is the share of abnormal inputs whose counterfactual the
-classifier calls healthy; ``minimality`` the mean absolute change |x - x_cf| of *healthy* inputs (grey range [0, 1]);
-``twin_distance`` the mean |x_cf - x_healthy| of abnormal inputs to their true healthy twin, when the data has one.
 """
 
 from __future__ import annotations
 
 import torch
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryPrecisionRecallCurve
 
 OVERALL = "overall"
@@ -96,31 +92,3 @@ class LocalizationScores:
                                           "images": self.images[method][group]}
         return results
 
-
-class CounterfactualScores:
-    """Validity, minimality and distance to the true healthy twin of one method's counterfactuals."""
-
-    def __init__(self):
-        self.validity, self.minimality, self.twin_distance = MeanMetric(), MeanMetric(), MeanMetric()
-
-    def update(self, images01: torch.Tensor, counterfactuals01: torch.Tensor, abnormal: torch.Tensor,
-               p_abnormal: torch.Tensor | None = None, healthy01: torch.Tensor | None = None,
-               threshold: float = 0.5) -> None:
-        """Images in [0, 1] (B, 1, H, W); ``abnormal`` (B,) bool; ``p_abnormal`` the classifier on the
-        counterfactuals (B,); ``healthy01`` the true healthy twins when known."""
-        abnormal = abnormal.bool().cpu()
-        change = (images01 - counterfactuals01).abs().flatten(1).mean(1).cpu()  # (B,)
-        if (~abnormal).any():
-            self.minimality.update(change[~abnormal])
-        if not abnormal.any():
-            return
-        if p_abnormal is not None:
-            self.validity.update((p_abnormal.cpu()[abnormal] < threshold).float())
-        if healthy01 is not None:
-            self.twin_distance.update((counterfactuals01 - healthy01).abs().flatten(1).mean(1).cpu()[abnormal])
-
-    def compute(self) -> dict[str, float]:
-        """The scores that received data (a MeanMetric that saw nothing is left out, never reported as 0)."""
-        return {name: float(metric.compute()) for name, metric in
-                (("validity", self.validity), ("minimality", self.minimality), ("twin_distance", self.twin_distance))
-                if metric.update_count}

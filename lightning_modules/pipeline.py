@@ -1,7 +1,7 @@
-"""Healthy counterfactuals (and text-to-image samples) from a trained latent diffusion model.
+"""Sampling from a trained latent diffusion model: text-to-image, healthy counterfactuals and zero-shot induction.
 
-Reads like a diffusers pipeline: check inputs, encode prompt, encode image, prepare latents, denoise with guidance,
-decode. Two ways to reach the counterfactual (method.md §3):
+Reads like a diffusers pipeline and is built, like one, from models and a scheduler only: check inputs, encode prompt,
+encode image, prepare latents, denoise with guidance, decode. Two ways to reach the counterfactual (docs/method.md):
 
 * ``sdedit``: noise the image latent to the step set by ``strength`` and denoise toward the healthy prompt; this is
   exactly what diffusers' ``StableDiffusionImg2ImgPipeline`` does (tests check the outputs are equal);
@@ -10,24 +10,29 @@ decode. Two ways to reach the counterfactual (method.md §3):
 
 ``induce`` is the reverse edit (zero-shot localized disease induction): a finding drawn into a region of a normal
 image by latent blending, as diffusers' ``StableDiffusionInpaintPipeline`` does for plain 4-channel UNets.
+Every call takes its settings as one typed object (``lightning_modules.settings``), validated when it is built.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from lightning_modules.attribution import signed_map
 from lightning_modules.compiled_unet import compile_unet
-from lightning_modules.induction import feather_mask, latent_mask
-from lightning_modules.latent_diffusion import NULL_PROMPT, LatentDiffusionModule
+from lightning_modules.components import build_components, read_checkpoint, vae_scale_factor
+from lightning_modules.prompt_encoder import NULL_PROMPT
+from lightning_modules.regions import feather_mask, latent_mask
+from lightning_modules.settings import (CounterfactualSettings, InductionSettings, InversionSettings,
+                                        SamplingSettings, SDEditSettings)
 from lightning_modules.vae import decode, encode
 
-METHODS = ("sdedit", "inversion")
+DEFAULT_NORMAL_PROMPT = "no acute cardiopulmonary abnormality"
 
 
 @dataclass
@@ -46,54 +51,60 @@ class InductionOutput:
     round_trip: torch.Tensor  # (B, 1, H, W) the original latent decoded: decoded - round_trip is the edit alone
 
 
-class CounterfactualPipeline:
+class LatentDiffusionPipeline:
     def __init__(self, vae, unet, scheduler: DDIMScheduler, prompt_encoder,
-                 normal_prompt: str = "no acute cardiopulmonary abnormality", compile: bool = False):
-        """``compile``: run the UNet ``torch.compile``d (the same weights): faster once compiled, which costs every
-        new input shape a compilation first (`make bench` measures both)."""
+                 normal_prompt: str = DEFAULT_NORMAL_PROMPT, sampling: SamplingSettings | None = None,
+                 compile: bool = False):
+        """``sampling``: the model's default steps and guidance (stored with its checkpoint). ``compile``: run the
+        UNet ``torch.compile``d (the same weights): faster once compiled, which costs every new input shape a
+        compilation first (`make bench` measures both)."""
         self.unet = compile_unet(unet) if compile else unet
         self.vae, self.scheduler, self.prompt_encoder = vae, scheduler, prompt_encoder
         self.inverse_scheduler = DDIMInverseScheduler.from_config(scheduler.config)
         self.normal_prompt = normal_prompt
+        self.sampling = sampling or SamplingSettings()
 
     @classmethod
-    def from_module(cls, module: LatentDiffusionModule, normal_prompt: str | None = None,
-                    compile: bool = False) -> "CounterfactualPipeline":
-        """Shares the module's components (use inside ``module.ema_weights()`` to sample with the EMA)."""
-        sampling = module.hparams.sampling or {}
-        scheduler = DDIMScheduler.from_config(module.noise_scheduler.config, **sampling.get("scheduler", {}))
-        return cls(module.vae, module.unet, scheduler, module.prompt_encoder,
-                   normal_prompt or sampling.get("normal_prompt", "no acute cardiopulmonary abnormality"), compile)
+    def from_parts(cls, vae, unet, noise_scheduler: DDPMScheduler, prompt_encoder,
+                   sampling: Mapping[str, Any] | None = None, compile: bool = False) -> "LatentDiffusionPipeline":
+        """The training parts plus a checkpoint's ``sampling`` hyper-parameters (DDIM scheduler options, default steps
+        and guidance, the normal prompt)."""
+        sampling = sampling or {}
+        scheduler = DDIMScheduler.from_config(noise_scheduler.config, **sampling.get("scheduler", {}))
+        return cls(vae, unet, scheduler, prompt_encoder, sampling.get("normal_prompt", DEFAULT_NORMAL_PROMPT),
+                   SamplingSettings.from_hparams(sampling), compile)
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str | torch.device = "cpu", use_ema: bool = True,
-                        normal_prompt: str | None = None, compile: bool = False) -> "CounterfactualPipeline":
-        module = LatentDiffusionModule.from_checkpoint(path)
-        if use_ema and module.ema is not None:
-            module.ema.copy_to(module.unet.parameters())
-        return cls.from_module(module.to(device).eval(), normal_prompt, compile)
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
+                        compile: bool = False) -> "LatentDiffusionPipeline":
+        """A stage-2 checkpoint -> its pipeline, without the training module: the frozen parts are rebuilt from the
+        paths in its hyper-parameters, the UNet gets the checkpoint's EMA weights (``use_ema``) or its raw ones."""
+        checkpoint = read_checkpoint(path)
+        hparams = checkpoint["hyper_parameters"]
+        vae, prompt_encoder, unet, noise_scheduler = build_components(**hparams)
+        prefix = "unet."
+        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path} does not match its UNet: missing {missing}, unexpected {unexpected}")
+        if use_ema and "ema" in checkpoint:  # diffusers' EMAModel: shadow parameters in unet.parameters() order
+            with torch.no_grad():
+                for param, shadow in zip(unet.parameters(), checkpoint["ema"]["shadow_params"], strict=True):
+                    param.copy_(shadow)
+        return cls.from_parts(vae.to(device), unet.to(device).eval(), noise_scheduler,
+                              prompt_encoder.to(device).eval(), hparams.get("sampling"), compile)
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    # 1. check inputs ------------------------------------------------------------------------------------------
+    # 1. check inputs (the settings were validated when they were built) ------------------------------------
     @staticmethod
-    def check_inputs(images: torch.Tensor, method: str, strength: float, inversion_depth: float,
-                     num_inference_steps: int) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown method '{method}'; valid: {', '.join(METHODS)}")
+    def check_inputs(images: torch.Tensor, settings: CounterfactualSettings) -> None:
+        if not isinstance(settings, (SDEditSettings, InversionSettings)):
+            raise TypeError(f"settings must be SDEditSettings or InversionSettings, got {type(settings).__name__}")
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
-        if not 0.0 < strength <= 1.0 or not 0.0 < inversion_depth <= 1.0:
-            raise ValueError(f"strength and inversion_depth must be in (0, 1], got {strength}, {inversion_depth}")
-        if num_inference_steps < 1:
-            raise ValueError("num_inference_steps must be at least 1")
-        fraction = strength if method == "sdedit" else inversion_depth
-        if int(num_inference_steps * fraction) < 1:
-            name = "strength" if method == "sdedit" else "inversion_depth"
-            raise ValueError(f"{name} {fraction} of {num_inference_steps} steps runs no denoising step: "
-                             f"raise {name} or num_inference_steps to at least {math.ceil(1 / fraction)}")
 
     # 2. encode prompt -----------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], guidance_scale: float) -> torch.Tensor:
@@ -164,44 +175,45 @@ class CounterfactualPipeline:
         return decode(self.vae, latents)  # (B, 1, H, W) in [-1, 1]
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, method: str = "inversion", target_prompt: str | list[str] | None = None,
-                 guidance_scale: float = 3.0, num_inference_steps: int = 50, strength: float = 0.5,
-                 inversion_depth: float = 0.5, generator: torch.Generator | None = None,
-                 seed: int | None = None) -> CounterfactualOutput:
+    def __call__(self, images: torch.Tensor, settings: CounterfactualSettings,
+                 target_prompt: str | list[str] | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> CounterfactualOutput:
         """Abnormal images (B, 1, H, W) in [-1, 1] -> their healthy counterfactuals and attribution maps."""
-        self.check_inputs(images, method, strength, inversion_depth, num_inference_steps)
-        if generator is None and seed is not None:
-            generator = torch.Generator("cpu").manual_seed(seed)
+        self.check_inputs(images, settings)
+        steps, guidance = settings.num_inference_steps, settings.guidance_scale
         images = images.to(self.device)
         prompts = self._prompts(target_prompt or self.normal_prompt, images.shape[0])
-        embeddings = self.encode_prompt(prompts, guidance_scale)
+        embeddings = self.encode_prompt(prompts, guidance)
 
-        if method == "sdedit":
+        if isinstance(settings, SDEditSettings):
             latents = self.encode_image(images, generator, sample=True)  # as img2img: a posterior sample
-            timesteps = self.timesteps(num_inference_steps, strength)
+            timesteps = self.timesteps(steps, settings.strength)
             latents = self.q_sample(latents, timesteps[:1], generator)
         else:
-            latents = self.invert(self.encode_image(images), num_inference_steps, inversion_depth)
-            timesteps = self.timesteps(num_inference_steps, inversion_depth)
+            latents = self.invert(self.encode_image(images), steps, settings.inversion_depth)
+            timesteps = self.timesteps(steps, settings.inversion_depth)
 
-        latents = self.denoise(latents, timesteps, embeddings, guidance_scale, generator)
+        latents = self.denoise(latents, timesteps, embeddings, guidance, generator)
         counterfactuals = self.decode(latents)
         return CounterfactualOutput(counterfactuals, latents, signed_map(images, counterfactuals))
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], height: int, width: int, guidance_scale: float = 3.0,
-                 num_inference_steps: int = 25, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Text -> images (B, 1, H, W) in [-1, 1]: the sample grids shown during training."""
-        embeddings = self.encode_prompt(prompts, guidance_scale)
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+    def generate(self, prompts: list[str], height: int, width: int, settings: SamplingSettings | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """Text -> images (B, 1, H, W) in [-1, 1], with the model's default settings unless given."""
+        settings = settings or self.sampling
+        embeddings = self.encode_prompt(prompts, settings.guidance_scale)
+        factor = vae_scale_factor(self.vae)
         shape = (len(prompts), self.vae.config.latent_channels, height // factor, width // factor)
         latents = randn_tensor(shape, generator=generator, device=self.device) * self.scheduler.init_noise_sigma
-        return self.decode(self.denoise(latents, self.timesteps(num_inference_steps, 1.0), embeddings,
-                                        guidance_scale, generator))
+        timesteps = self.timesteps(settings.num_inference_steps, 1.0)
+        return self.decode(self.denoise(latents, timesteps, embeddings, settings.guidance_scale, generator))
 
     @staticmethod
     def check_induction_inputs(images: torch.Tensor, region_masks: torch.Tensor, prompt: str | list[str],
-                               strength: float, num_inference_steps: int) -> None:
+                               settings: InductionSettings) -> None:
+        if not isinstance(settings, InductionSettings):
+            raise TypeError(f"settings must be InductionSettings, got {type(settings).__name__}")
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
         if region_masks.ndim != 4 or region_masks.shape[1] != 1 or region_masks.shape[-2:] != images.shape[-2:] \
@@ -212,15 +224,10 @@ class CounterfactualPipeline:
             raise ValueError("region_masks must be in [0, 1] and name at least one pixel of every image")
         if any(not p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
             raise ValueError("the finding prompt is empty: zero-shot induction needs the finding to draw")
-        if not 0.0 < strength <= 1.0 or num_inference_steps < 1:
-            raise ValueError(f"strength must be in (0, 1] and num_inference_steps >= 1, got {strength}, "
-                             f"{num_inference_steps}")
 
     @torch.no_grad()
     def induce(self, images: torch.Tensor, region_masks: torch.Tensor, prompt: str | list[str],
-               strength: float = 1.0, guidance_scale: float = 5.0, num_inference_steps: int = 25,
-               generator: torch.Generator | None = None, seed: int | None = None, feather: float = 0.0,
-               paste: bool = True) -> InductionOutput:
+               settings: InductionSettings, generator: torch.Generator | None = None) -> InductionOutput:
         """Zero-shot localized disease induction (method.md §3): normal images (B, 1, H, W) in [-1, 1], regions
         (B or 1, 1, H, W) in [0, 1] and a finding prompt -> the finding drawn inside the regions only.
 
@@ -232,19 +239,18 @@ class CounterfactualPipeline:
         decoded result over the original pixels through that mask, so outside the region the image is the original
         rather than its VAE round trip (whose error outside the region can exceed the edit inside it).
         """
-        self.check_induction_inputs(images, region_masks, prompt, strength, num_inference_steps)
-        if generator is None and seed is not None:
-            generator = torch.Generator("cpu").manual_seed(seed)
+        self.check_induction_inputs(images, region_masks, prompt, settings)
+        guidance_scale, paste = settings.guidance_scale, settings.paste
         images = images.to(self.device)
         batch_size = images.shape[0]
-        masks = feather_mask(region_masks.to(self.device, images.dtype).expand(batch_size, -1, -1, -1), feather)
+        masks = feather_mask(region_masks.to(self.device, images.dtype).expand(batch_size, -1, -1, -1), settings.feather)
         embeddings = self.encode_prompt(self._prompts(prompt, batch_size), guidance_scale)
 
         original = self.encode_image(images, generator, sample=True)  # (B, C, h, w), a posterior sample as inpainting
         mask = latent_mask(masks, original.shape[-2:])  # (B, 1, h, w)
-        timesteps = self.timesteps(num_inference_steps, strength)
+        timesteps = self.timesteps(settings.num_inference_steps, settings.strength)
         noise = randn_tensor(original.shape, generator=generator, device=self.device, dtype=original.dtype)
-        if strength == 1.0:  # as diffusers: pure noise, not the image noised to the first (not quite last) timestep
+        if settings.strength == 1.0:  # as diffusers: pure noise, not the image noised to the first (not quite last) timestep
             latents = noise * self.scheduler.init_noise_sigma
         else:
             latents = self.scheduler.add_noise(original, noise, timesteps[:1].repeat(batch_size))

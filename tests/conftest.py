@@ -1,4 +1,13 @@
-"""Tests run what users run, shrunk: the real configs with ``experiment=smoke``, tiny networks, a few steps, on CPU."""
+"""Tests run what users run, shrunk: the real configs with ``experiment=smoke``, tiny networks, a few steps, on CPU.
+
+Shared fixtures. The session ones (``tiny_vae_dir``, ``tiny_ldm``, ``tiny_pipeline``) are read-only: a test that
+changes a model (training mode, weights, EMA, caches, hyper-parameters, compilation, monkeypatched methods) asks for
+its own with ``make_tiny_ldm()``, so no result depends on which tests ran before. ``_session_models_unchanged``
+checks it after every test that uses the shared model. Helpers shared by several files live in ``tests/helpers.py``.
+
+Markers (setup.cfg): ``slow`` (roughly > 10 s on 2 cores: training runs, compilation, 2-process DDP; ``make
+test-fast`` leaves them out) and ``ddp`` (spawns 2 gloo processes).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +23,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from configs import compose  # noqa: E402
-
-SMOKE = ["experiment=smoke"]
+from tests.helpers import SMOKE, build_tiny_ldm, model_fingerprint, pipeline_of, smoke_config  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)
@@ -25,15 +33,11 @@ def _torch_threads():
     torch.manual_seed(0)
 
 
-def smoke_config(name: str, tmp_path, *overrides: str):
-    """The real config ``name`` shrunk by ``experiment=smoke``, logging under ``tmp_path``."""
-    return compose(name, [*SMOKE, f"log_dir={tmp_path}", *overrides])
-
-
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory) -> str:
     """An (untrained) smoke-sized 1-channel VAE exported in diffusers format, as stage 1 exports it."""
     cfg = compose("train_autoencoder", SMOKE)
+    torch.manual_seed(0)
     vae = AutoencoderKL(**OmegaConf.to_container(cfg.model.autoencoder.network))
     vae.register_to_config(scaling_factor=1.0)
     path = tmp_path_factory.mktemp("vae")
@@ -43,15 +47,34 @@ def tiny_vae_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_ldm(tiny_vae_dir):
-    """A smoke-sized LatentDiffusionModule (random UNet) on the tiny VAE and the offline MiniLM."""
-    from lightning_modules.latent_diffusion import LatentDiffusionModule
+    """A smoke-sized LatentDiffusionModule (random UNet) on the tiny VAE and the offline MiniLM, in eval mode.
+    Shared by the whole session: read it, never change it (``make_tiny_ldm`` gives a module of one's own)."""
+    return build_tiny_ldm(tiny_vae_dir)
 
-    cfg = compose("train", [*SMOKE, f"model.vae.path={tiny_vae_dir}"])
-    model = OmegaConf.to_container(cfg.model)
-    torch.manual_seed(0)
-    return LatentDiffusionModule(
-        vae=model["vae"], unet=model["unet"], prompt_encoder=model["prompt_encoder"],
-        noise_scheduler=model["noise_scheduler"], p_uncond=model["p_uncond"], ema=model["ema"],
-        optimizer=model["optimizer"], cache_latents=True, image_size=cfg.data.image_size,
-        sampling={**model["sampling"], "normal_prompt": "no acute cardiopulmonary abnormality"},
-    ).eval()
+
+@pytest.fixture
+def make_tiny_ldm(tiny_vae_dir):
+    """A factory of fresh smoke-sized modules, ``make_tiny_ldm(**module_arguments)``: the same weights as
+    ``tiny_ldm`` (unless the arguments change the network), free to train, patch or compile."""
+    return lambda **overrides: build_tiny_ldm(tiny_vae_dir, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_ldm):
+    """The LatentDiffusionPipeline on ``tiny_ldm``'s parts (eager; read-only as ``tiny_ldm``)."""
+    return pipeline_of(tiny_ldm)
+
+
+@pytest.fixture(autouse=True)
+def _session_models_unchanged(request):
+    """A test that uses the shared ``tiny_ldm`` (directly or through ``tiny_pipeline``) must leave it as it found it."""
+    if "tiny_ldm" not in request.fixturenames:
+        yield
+        return
+    module = request.getfixturevalue("tiny_ldm")
+    before = model_fingerprint(module)
+    yield
+    after = model_fingerprint(module)
+    changed = sorted(key for key in before if before[key] != after[key])
+    assert not changed, (f"{request.node.nodeid} changed the session fixture tiny_ldm ({', '.join(changed)}): "
+                         "use make_tiny_ldm() for a module of the test's own")

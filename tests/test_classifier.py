@@ -43,7 +43,7 @@ def test_outputs_features_and_saliency_shapes():
     for method in ("gradcam", "gradient_x_input"):
         saliency = model.saliency(images, target=model.index("effusion"), method=method)
         assert saliency.shape == (3, 1, SIZE, SIZE) and (saliency >= 0).all() and saliency.sum() > 0
-    assert model.index("abnormal") == 4 and 0 <= model.counterfactual_validity(images) <= 1
+    assert model.index("abnormal") == 4
     with pytest.raises(ValueError, match="valid: gradcam"):
         model.saliency(images, method="lime")
     with pytest.raises(ValueError, match="valid: nodule"):
@@ -81,7 +81,9 @@ def test_label_mask_leaves_masked_entries_out_of_the_loss():
     label_mask = torch.tensor([[1.0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log outside a Trainer
-        loss = lambda lab: model._common_step({"image": images, "label": lab, "label_mask": label_mask}, "val")
+        def loss(lab: torch.Tensor) -> torch.Tensor:
+            return model._common_step({"image": images, "label": lab, "label_mask": label_mask}, "val")
+
         base = loss(label)
         flipped_masked = label.clone()
         flipped_masked[0, 1] = flipped_masked[3, 0] = 1.0  # the masked entries (and row 3's unknown "abnormal")

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from experiments import counterfactual_attribution, train, train_autoencoder, train_classifier
+from lightning_modules.pipeline import LatentDiffusionPipeline
+from tests.fixtures_real_data import encode, gray, write
 
 ALL = ["sdedit", "inversion", "mean_healthy", "reconstruction", "diffedit", "saliency"]
 
@@ -83,11 +87,26 @@ def folder(tmp_path_factory) -> Path:
     return folder
 
 
+def undecodable_png(seed: int) -> bytes:
+    """A PNG whose signature and end pass the header scan but whose pixel data is scrambled: it fails to decode."""
+    data = encode(gray(64, 64, seed=seed))
+    start = data.index(b"IDAT") + 4
+    length = int.from_bytes(data[start - 8:start - 4], "big")
+    mid = start + length // 4
+    return data[:mid] + bytes(b ^ 0x5A for b in data[mid:mid + length // 2]) + data[mid + length // 2:]
+
+
 @pytest.fixture(scope="module")
 def folder_runs(checkpoints, folder, tmp_path_factory) -> list[tuple[Path, dict]]:
-    """The folder through our methods and DiffEdit (the stochastic ones), twice with the same seed."""
+    """The folder through our methods and DiffEdit (the stochastic ones), then with the same seed a copy of it whose
+    first batch (batch_size=2) holds two files that pass the header scan but fail to decode."""
+    copy = tmp_path_factory.mktemp("films_copy") / "films"
+    shutil.copytree(folder, copy)
+    for k in (1, 2):
+        write(copy / f"a_bad{k}.png", undecodable_png(k))
     outs = [tmp_path_factory.mktemp(f"folder{k}") for k in range(2)]
-    return [(out, run(checkpoints, out, f"input={folder}", "methods=[sdedit,inversion,diffedit]")) for out in outs]
+    return [(out, run(checkpoints, out, f"input={path}", "methods=[sdedit,inversion,diffedit]"))
+            for out, path in zip(outs, (folder, copy), strict=True)]
 
 
 def test_folder_with_a_corrupt_file_and_a_16_bit_rgba_png(folder_runs):
@@ -103,28 +122,62 @@ def test_folder_with_a_corrupt_file_and_a_16_bit_rgba_png(folder_runs):
     assert len(result["skipped"]) == 2
 
 
-def test_same_seed_same_bytes(folder_runs):
-    (first, _), (second, _) = folder_runs
+def test_same_seed_same_bytes_and_an_unreadable_batch_takes_no_seed(folder_runs):
+    """Batch seeds count the batches that hold images: two more files that fail to decode change nothing else."""
+    (first, _), (second, result) = folder_runs
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file() and p.name != "config.yaml")
     assert len(files) == 2 + 2 * 3 + 2 * 2 + 2 * 2  # CSVs, maps, counterfactuals, overlays
-    assert [f for f in files if (first / f).read_bytes() != (second / f).read_bytes()] == []
+    assert sorted(p.relative_to(second) for p in second.rglob("*") if p.name != "config.yaml" and p.is_file()) == files
+    outputs = [f for f in files if f.suffix != ".csv"]
+    assert [f for f in outputs if (first / f).read_bytes() != (second / f).read_bytes()] == []
+    rows = [list(csv.DictReader(open(out / "results.csv"))) for out in (first, second)]
+    assert [{k: v for k, v in r.items() if k != "path"} for r in rows[0]] == \
+        [{k: v for k, v in r.items() if k != "path"} for r in rows[1]]
+    skipped = [Path(r["path"]).name for r in csv.DictReader(open(second / "skipped.csv"))]
+    assert sorted(skipped[:2]) == ["notes.png", "truncated.jpg"]  # the header scan's, then the decoder's
+    assert skipped[2:] == ["a_bad1.png", "a_bad2.png"] and len(result["skipped"]) == 4
+
+
+@pytest.fixture
+def fake_checkpoint(tmp_path) -> Path:
+    """Only the hyper-parameters the run reads before it loads a model: the image size, the sampling defaults."""
+    path = tmp_path / "fake.ckpt"
+    torch.save({"hyper_parameters": {"image_size": 64, "sampling": {"num_inference_steps": 5,
+                                                                    "guidance_scale": 3.0}}}, path)
+    return path
 
 
 @pytest.mark.parametrize("override, message", [
-    ("input=/no/such/folder", "input: /no/such/folder does not exist"),
-    ("map.kind=signed", "map.kind must be one of"),
-    ("methods=[sdedit,gradcam]", "unknown \\['gradcam'\\]"),
+    ("input=/no/such/folder", "input: no such file or folder: /no/such/folder"),
+    ("map.kind=signed", "bad configuration:\n  map.kind must be one of"),
+    ("methods=[sdedit,gradcam]", "methods: unknown 'gradcam'"),
     ("tune.split=test", "never tuned on the test split"),
-    ("sdedit.num_inference_steps=5", "sdedit.strength=0.1 of num_inference_steps=5 is less than one step"),
+    ("sdedit.num_inference_steps=5", "sdedit: strength 0.1 of 5 steps runs no denoising step"),
+    ("sdedit.num_inference_steps=null", "sdedit: strength 0.1 of 5 steps"),  # the checkpoint's 5 steps
+    ("baselines.diffedit.num_maps=0", "baselines.diffedit: num_maps must be an integer >= 1"),
+    ("baselines.reconstruction.method=mean_healthy", "baselines.reconstruction: method must be one of"),
+    ("tune.inversion.inversion_depth=[0.5,1.5]", "inversion: inversion_depth must be in"),  # every grid point
 ])
-def test_bad_requests_fail_before_any_model_is_loaded(tmp_path, monkeypatch, override, message):
-    monkeypatch.setattr(counterfactual_attribution.CounterfactualPipeline, "from_checkpoint",
-                        lambda *a, **k: pytest.fail("a model was loaded"))
-    checkpoint = tmp_path / "fake.ckpt"
-    checkpoint.write_bytes(b"")
-    overrides = [f"checkpoint={checkpoint}", override] + (["tune.enabled=true"] if "tune" in override else [])
-    with pytest.raises(SystemExit, match=message):
+def test_bad_requests_fail_before_any_model_is_loaded(fake_checkpoint, monkeypatch, override, message):
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    overrides = [f"checkpoint={fake_checkpoint}", override] + (["tune.enabled=true"] if "tune" in override else [])
+    with pytest.raises(SystemExit, match=message) as exit_info:
         counterfactual_attribution.main(overrides)
+    assert str(exit_info.value).startswith("attribution: ")
+
+
+def test_a_good_request_reaches_the_model(fake_checkpoint, monkeypatch):
+    """The counterpart of the above: the same fake checkpoint, no bad value, and the run goes on to load the model."""
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_checkpoint", load)
+    with pytest.raises(Loaded):
+        counterfactual_attribution.main([f"checkpoint={fake_checkpoint}", "sdedit.num_inference_steps=10",
+                                         "num_images=1", "data.num_test=2", "data.num_train=4"])
 
 
 def test_tuning_searches_the_validation_split(checkpoints, tmp_path):

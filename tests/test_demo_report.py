@@ -1,12 +1,17 @@
-"""The demo's one-page report: built from the files the demo's scripts write, refusing when they are missing."""
+"""The demo's one-page report: built from the files the demo's scripts write, refusing when they are missing.
+
+Every test passes ``--results`` into ``tmp_path``: nothing here writes the repository's docs/results.md."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from experiments import demo_report
+
+REPO = Path(__file__).resolve().parent.parent  # tests/ sits in the repository root
 
 
 def test_report_collects_timings_tables_and_induction_means(tmp_path):
@@ -22,9 +27,12 @@ def test_report_collects_timings_tables_and_induction_means(tmp_path):
         "ssim_outside": 0.98765, "classifier_prob_before": 0.1, "classifier_prob_after": 0.4,
         "classifier_rise_fraction": 5 / 6, "edit_inside_fraction": None}))
 
-    text = demo_report.main([str(tmp_path)])
+    results = tmp_path / "docs" / "results.md"
+    text = demo_report.main([str(tmp_path), "--results", str(results)])
 
-    assert (tmp_path / "report.md").read_text() == text
+    assert (tmp_path / "report.md").read_text() == text == results.read_text()
+    assert text.splitlines()[2] == demo_report.HEADER
+    assert "make demo" in demo_report.HEADER and "do not edit by hand" in demo_report.HEADER
     assert "| **total** | **780** (13.0 min) |" in text
     assert "| inversion | 0.733 |" in text and "title line dropped" not in text
     assert "| effusion | small left pleural effusion | 6 | 1.000 | 0.988 | 0.100 | 0.400 | 0.833 | - | - |" in text
@@ -32,5 +40,11 @@ def test_report_collects_timings_tables_and_induction_means(tmp_path):
 
 def test_report_names_what_is_missing(tmp_path):
     (tmp_path / "timings.tsv").write_text("")
+    results = tmp_path / "results.md"
     with pytest.raises(SystemExit, match="attribution/metrics.md, evaluation/metrics.md: run `make demo` first"):
-        demo_report.main([str(tmp_path)])
+        demo_report.main([str(tmp_path), "--results", str(results)])
+    assert not results.exists()
+
+
+def test_results_default_to_the_repositorys_docs():
+    assert demo_report.RESULTS == REPO / "docs" / "results.md"

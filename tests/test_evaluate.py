@@ -12,11 +12,15 @@ from torch.utils.data import default_collate
 
 from datamodules.synthetic import FINDINGS, SyntheticCXRDataModule
 from experiments import evaluate, train
-from lightning_modules.metrics import evaluation_images, prompt_fidelity
-from lightning_modules.pipeline import CounterfactualPipeline
-from tests.test_metrics import classifier_checkpoint
+from lightning_modules.components import read_hparams
+from lightning_modules.generation_metrics import evaluation_images
+from lightning_modules.pipeline import LatentDiffusionPipeline
+from lightning_modules.prompt_fidelity import prompt_fidelity
+from lightning_modules.settings import SamplingSettings, SDEditSettings
+from tests.helpers import classifier_checkpoint
 
-FAST = ["num_images=8", "batch_size=4", "model.sampling.num_inference_steps=2", "fid.inception=false"]
+# steps and guidance left null: the checkpoint's own (experiment=smoke trains with 2 steps)
+FAST = ["num_images=8", "batch_size=4", "fid.inception=false"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def test_evaluate_writes_the_per_class_table_with_its_settings(run, tmp_path, ca
     log_dir, classifier = run
     checkpoint = log_dir / "ldm" / "checkpoints" / "last.ckpt"
     report = evaluate.main([f"checkpoint={checkpoint}", f"classifier_checkpoint={classifier}",
-                            f"output_dir={tmp_path}", *FAST])
+                            f"output_dir={tmp_path}", *FAST, "generation.guidance_scale=6"])
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"])) and saved["num_images"] == 8
     results = saved["results"]
@@ -62,15 +66,22 @@ def test_evaluate_writes_the_per_class_table_with_its_settings(run, tmp_path, ca
         assert 0 < overall["ssim"] <= 1 and 0 <= overall["ms_ssim"] <= 1 and overall["fid_domain"] > 0
         assert overall["fid"] is None  # Inception FID off: kept as null, with the reason in the notes
     assert any(note.startswith("fid skipped") for note in saved["notes"])
-    settings = saved["settings"]
-    assert settings["counterfactual"]["method"] == "sdedit" and settings["counterfactual"]["strength"] == 0.5
-    assert settings["generated"]["num_inference_steps"] == 2 and settings["ms_ssim"]["scales"] == 3
-    assert "fid_domain" in settings["fid_extractors"]
+    settings = saved["settings"]  # as resolved: null -> the checkpoint's steps and guidance, else the given value
+    sampling = read_hparams(checkpoint)["sampling"]
+    assert sampling["num_inference_steps"] == 2 and sampling["guidance_scale"] not in (6.0, 3.0)
+    assert settings["generated"] == {"num_inference_steps": 2, "guidance_scale": 6.0,
+                                     "prompts": "each real image's own prompt"}
+    assert settings["counterfactual"] == {"method": "sdedit", "num_inference_steps": 2,
+                                          "guidance_scale": sampling["guidance_scale"], "strength": 0.5,
+                                          "target_prompt": SyntheticCXRDataModule().normal_prompt}
+    assert settings["ms_ssim"]["scales"] == 3 and "fid_domain" in settings["fid_extractors"]
 
     table = (tmp_path / "metrics.md").read_text()
     assert table in capsys.readouterr().out
     assert "| Class | n | FID (Inception) ↓ | FID (domain) ↓ | SSIM ↑ | MS-SSIM ↑ |" in table
-    assert "| **overall** | 8 |" in table and "strength 0.5" in table and "3 scales, 11-px" in table
+    assert "| **overall** | 8 |" in table and "3 scales, 11-px" in table
+    assert "DDIM steps 2, guidance 6.0;" in table
+    assert f"method sdedit, DDIM steps 2, guidance {float(sampling['guidance_scale'])}, strength 0.5;" in table
 
     fidelity = saved["prompt_fidelity"]  # from the same generated images, scored by the same classifier
     assert list(fidelity) == [*FINDINGS, "Normal"] and fidelity["Normal"]["score"] == "abnormal"
@@ -134,13 +145,13 @@ def test_prompt_fidelity_compares_each_prompt_with_its_reference():
     assert masked["Normal"]["generated"]["p_prompted"] == pytest.approx(0.3)
 
 
-def test_each_image_gets_the_same_noise_whatever_its_batch(tiny_ldm):
+def test_each_image_gets_the_same_noise_whatever_its_batch(tiny_pipeline):
     """Per-image seeds: the numbers do not depend on batch size, order or DDP rank."""
-    pipeline = CounterfactualPipeline.from_module(tiny_ldm)
+    pipeline = tiny_pipeline
     dataset = SyntheticCXRDataModule(num_val=4).dataset("val")
     batch = default_collate([dataset[i] for i in range(4)])
-    settings = dict(generation={"num_inference_steps": 2, "guidance_scale": 3.0},
-                    counterfactual={"method": "sdedit", "num_inference_steps": 2, "strength": 0.5}, seed=3)
+    settings = dict(generation=SamplingSettings(num_inference_steps=2, guidance_scale=3.0),
+                    counterfactual=SDEditSettings(num_inference_steps=2, strength=0.5), seed=3)
     whole = evaluation_images(pipeline, batch, **settings)
     reversed_halves = [evaluation_images(pipeline, {k: v[part] for k, v in batch.items()}, **settings)
                        for part in (slice(2, 4), slice(0, 2))]
@@ -152,13 +163,28 @@ def test_each_image_gets_the_same_noise_whatever_its_batch(tiny_ldm):
 
 @pytest.mark.parametrize("override, message", [
     ("checkpoint=/nonexistent/last.ckpt", "checkpoint: no file at /nonexistent/last.ckpt"),
-    ("counterfactual.method=paint", "counterfactual.method 'paint' is not one of sdedit, inversion"),
+    ("counterfactual.method=paint", "counterfactual: unknown counterfactual method 'paint'; valid: sdedit, inversion"),
+    ("counterfactual.strength=1.5", "counterfactual: strength must be in \\(0, 1\\]"),
+    ("counterfactual.inversion_depth=0.01", None),  # sdedit ignores the inversion depth: no error, the run goes on
+    ("generation.guidance_scale=-1", "generation: guidance_scale must be a number >= 0"),
+    ("generation.num_inference_steps=0", "generation: num_inference_steps must be an integer >= 1"),
     ("split=holdout", "split 'holdout'"),
+    ("num_images=0", "num_images \\(or null\\) and batch_size must be >= 1"),
     ("fid.inception=true", "weights-inception-2015-12-05-6726825d.pth"),
 ])
 def test_bad_requests_stop_before_any_model_is_loaded(override, message, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no Inception weights there
-    monkeypatch.setattr(evaluate.CounterfactualPipeline, "from_checkpoint",
-                        lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(SystemExit, match=message):
-        evaluate.main([f"output_dir={tmp_path}", override])
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_checkpoint", load)
+    checkpoint = tmp_path / "model.ckpt"  # only the defaults the settings are built over
+    torch.save({"hyper_parameters": {"sampling": {"num_inference_steps": 25, "guidance_scale": 10.0}}}, checkpoint)
+    argv = [f"checkpoint={checkpoint}", f"output_dir={tmp_path}", override]
+    if message is None:
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            evaluate.main(argv)
+    else:
+        with pytest.raises(SystemExit, match=f"^evaluate: cannot run:\n  .*{message}"):
+            evaluate.main(argv)

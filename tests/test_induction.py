@@ -1,3 +1,5 @@
+"""Zero-shot induction: the latent blend (equal to diffusers' inpainting), regions, locality scores, the script."""
+
 import json
 
 import numpy as np
@@ -9,17 +11,31 @@ from PIL import Image
 from datamodules.synthetic import SyntheticCXRDataModule
 from datamodules.zones import split_lungs
 from experiments import zero_shot_induction
-from lightning_modules.induction import (RegionError, RegionSpec, feather_mask, inside_fraction, latent_mask,
-                                         parse_box, ssim_outside)
-from lightning_modules.latent_diffusion import NULL_PROMPT
-from lightning_modules.pipeline import CounterfactualPipeline
+from lightning_modules.pipeline import LatentDiffusionPipeline
+from lightning_modules.prompt_encoder import NULL_PROMPT
+from lightning_modules.regions import (
+    RegionError,
+    RegionSpec,
+    feather_mask,
+    inside_fraction,
+    latent_mask,
+    parse_box,
+    ssim_outside,
+)
+from lightning_modules.runs import induction
+from lightning_modules.runs.cli import load_config
+from lightning_modules.settings import InductionSettings
 
 PROMPT = "small nodule in the left lower zone"
 
 
-@pytest.fixture(scope="module")
-def pipeline(tiny_ldm):
-    return CounterfactualPipeline.from_module(tiny_ldm)
+@pytest.fixture
+def pipeline(tiny_pipeline):
+    return tiny_pipeline
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +59,7 @@ def test_induce_equals_diffusers_inpainting_with_a_plain_unet(pipeline, images, 
     """Peer equivalence: latent blending is StableDiffusionInpaintPipeline's path for 4-channel UNets, same noise,
     same next-timestep re-noising, on the same VAE, UNet, DDIM and embeddings."""
     settings = dict(strength=strength, num_inference_steps=3, guidance_scale=3.0)
-    ours = pipeline.induce(images, regions, PROMPT, generator=torch.Generator().manual_seed(7), paste=False,
-                           **settings)
+    ours = pipeline.induce(images, regions, PROMPT, InductionSettings(**settings, paste=False), seeded(7))
     peer = StableDiffusionInpaintPipeline(
         vae=pipeline.vae, text_encoder=None, tokenizer=None, unet=pipeline.unet, scheduler=pipeline.scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -59,9 +74,9 @@ def test_induce_equals_diffusers_inpainting_with_a_plain_unet(pipeline, images, 
 
 
 def test_blending_keeps_the_original_latent_outside_and_changes_the_inside(pipeline, images, regions):
-    out = pipeline.induce(images, regions, PROMPT, strength=0.8, guidance_scale=3.0, num_inference_steps=3, seed=5,
-                          paste=False)
-    original = pipeline.encode_image(images, torch.Generator().manual_seed(5), sample=True)  # the same first draw
+    settings = InductionSettings(strength=0.8, guidance_scale=3.0, num_inference_steps=3, paste=False)
+    out = pipeline.induce(images, regions, PROMPT, settings, seeded(5))
+    original = pipeline.encode_image(images, seeded(5), sample=True)  # the same first draw
     inside = latent_mask(regions, original.shape[-2:]).bool().expand_as(original)
     assert torch.equal(out.latents[~inside], original[~inside])
     assert (out.latents[inside] - original[inside]).abs().mean() > 0.1
@@ -76,7 +91,7 @@ def test_blending_keeps_the_original_latent_outside_and_changes_the_inside(pipel
 
 
 def test_paste_returns_the_original_pixels_outside_the_feathered_region(pipeline, images, regions):
-    out = pipeline.induce(images, regions, PROMPT, num_inference_steps=2, seed=5, feather=1.5)
+    out = pipeline.induce(images, regions, PROMPT, InductionSettings(num_inference_steps=2, feather=1.5), seeded(5))
     outside = feather_mask(regions, 1.5) == 0
     assert torch.equal(out.images[outside], images[outside])
     assert out.difference[regions.bool()].abs().mean() > 0.05
@@ -101,7 +116,12 @@ def test_latent_mask_is_binary_at_half_coverage_and_never_empty():
 ])
 def test_induce_rejects_bad_regions_and_prompts(pipeline, images, masks, prompt, message):
     with pytest.raises(ValueError, match=message):
-        pipeline.induce(images, masks, prompt, num_inference_steps=2)
+        pipeline.induce(images, masks, prompt, InductionSettings(num_inference_steps=2))
+
+
+def test_induce_takes_its_settings_as_one_object(pipeline, images, regions):
+    with pytest.raises(TypeError, match="InductionSettings"):
+        pipeline.induce(images, regions, PROMPT, {"num_inference_steps": 2})
 
 
 # ------------------------------------------------------------------------------------------------- regions
@@ -171,15 +191,21 @@ def test_ssim_outside_ignores_the_region_and_sees_leaks():
 # --------------------------------------------------------------------------------------------------- script
 
 
+def write_checkpoint(path, sampling) -> str:
+    """A file the script reads as a checkpoint: only its hyper-parameters (the model comes from a monkeypatch)."""
+    torch.save({"hyper_parameters": {"sampling": dict(sampling)}}, path)
+    return str(path)
+
+
 @pytest.fixture
 def no_model(monkeypatch, tmp_path):
-    """A checkpoint path that exists, and a loader that fails the test if anything tries to load a model."""
+    """A checkpoint with sampling defaults, and a loader that fails the test if anything tries to load a model."""
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(CounterfactualPipeline, "from_checkpoint", load)
-    (tmp_path / "model.ckpt").touch()
-    return [f"checkpoint={tmp_path / 'model.ckpt'}", f"output_dir={tmp_path / 'out'}"]
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_checkpoint", load)
+    checkpoint = write_checkpoint(tmp_path / "model.ckpt", {"num_inference_steps": 7, "guidance_scale": 2.0})
+    return [f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'out'}"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -187,38 +213,86 @@ def no_model(monkeypatch, tmp_path):
     (["zone=left-bottom"], "unknown zone"),
     (["prompt=' '"], "prompt is empty"),
     (["finding=fracture"], "unknown finding 'fracture'"),
-    (["strength=1.5"], "strength"),
-    (["input=/nonexistent/film.png", "box=1,1,9,9"], "no image file"),
+    (["induction.strength=1.5"], "strength must be in \\(0, 1\\]"),
+    (["induction.strength=0.01"], "runs no denoising step"),
+    (["induction.feather=-1"], "feather must be"),
+    (["seeds=[]"], "at least one seed"),
+    (["checkpoint=/nonexistent/last.ckpt"], "checkpoint: no file at /nonexistent/last.ckpt"),
+    (["input=/nonexistent/film.png", "box=1,1,9,9"], "no such file or folder"),
     (["input=/nonexistent/film.png"], "needs lung masks"),
 ])
 def test_script_rejects_bad_arguments_before_loading_a_model(no_model, overrides, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=f"^induction: .*{message}"):
         zero_shot_induction.main([*no_model, *overrides])
 
 
-def test_script_rejects_an_empty_mask_before_loading_a_model(no_model, tmp_path):
+def test_script_rejects_an_empty_mask_or_a_file_that_is_no_checkpoint(no_model, tmp_path):
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "empty.png")
     with pytest.raises(SystemExit, match="empty"):
         zero_shot_induction.main([*no_model, f"mask_path={tmp_path / 'empty.png'}"])
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="checkpoint: cannot read"):
+        zero_shot_induction.main([*no_model, f"checkpoint={tmp_path / 'text.ckpt'}"])
 
 
-def test_script_writes_images_panels_and_metrics(tiny_ldm, monkeypatch, tmp_path):
-    monkeypatch.setattr(CounterfactualPipeline, "from_checkpoint",
-                        lambda *args, **kwargs: CounterfactualPipeline.from_module(tiny_ldm))
-    (tmp_path / "model.ckpt").touch()
+def test_null_steps_and_guidance_are_the_checkpoints(no_model):
+    cfg = load_config("induction", [*no_model, "induction.num_inference_steps=null", "induction.guidance_scale=null",
+                                    "induction.strength=0.5", "num_images=1"])
+    assert induction.prepare(cfg).settings == InductionSettings(num_inference_steps=7, guidance_scale=2.0,
+                                                                strength=0.5)
+
+
+@pytest.fixture
+def tiny_model(tiny_ldm, tiny_pipeline, monkeypatch, tmp_path):
+    """The script's checkpoint loader serves the tiny model's pipeline; the checkpoint file holds its defaults."""
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_checkpoint", lambda *args, **kwargs: tiny_pipeline)
+    return write_checkpoint(tmp_path / "model.ckpt", tiny_ldm.hparams.sampling)
+
+
+def test_script_writes_images_panels_and_metrics(tiny_model, pipeline, tmp_path):
     metrics = zero_shot_induction.main([
-        f"checkpoint={tmp_path / 'model.ckpt'}", f"output_dir={tmp_path / 'out'}",
-        "classifier_checkpoint=null", "num_images=2", "seeds=[0,1]", "num_inference_steps=2", "finding=effusion",
-        "zone=right-lower", "feather=1.0",
+        f"checkpoint={tiny_model}", f"output_dir={tmp_path / 'out'}", "classifier_checkpoint=null", "num_images=2",
+        "batch_size=1", "seeds=[0,1]", "induction.num_inference_steps=2", "finding=effusion", "zone=right-lower",
+        "induction.feather=1.0",
     ])
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["prompt"] == "right pleural effusion" and len(saved["per_sample"]) == 4
     assert 0.0 < saved["inside_fraction"] <= 1.0 and 0.0 < saved["ssim_outside"] <= 1.0
     assert saved["classifier_prob_before"] is None and metrics["inside_fraction"] == saved["inside_fraction"]
-    ids = {r["id"] for r in saved["per_sample"]}
+    assert saved["settings"] == {"num_inference_steps": 2, "guidance_scale": 5.0, "strength": 1.0, "feather": 1.0,
+                                 "paste": True}
+    ids = list(dict.fromkeys(r["id"] for r in saved["per_sample"]))
+    assert len(ids) == 2
     for name in ids:
         assert (tmp_path / "out" / "panels" / f"{name}.png").is_file()
         for seed in (0, 1):
             assert (tmp_path / "out" / "induced" / f"{name}_seed{seed}.png").is_file()
             difference = np.load(tmp_path / "out" / "difference" / f"{name}_seed{seed}.npy")
             assert difference.shape == (64, 64) and np.abs(difference).max() > 0
+
+    # each (seed, batch) draws from torch.Generator("cpu").manual_seed(seed): the second image, seed 1, again
+    cfg = load_config("induction", [f"checkpoint={tiny_model}", "num_images=2", "finding=effusion",
+                                    "zone=right-lower", "induction.num_inference_steps=2", "induction.feather=1.0"])
+    request = induction.prepare(cfg)
+    again = pipeline.induce(request.inputs.images[1:2], request.inputs.regions[1:2].float(), request.prompt,
+                            request.settings, torch.Generator("cpu").manual_seed(1)).images
+    expected = ((again[0, 0] + 1) / 2 - (request.inputs.images[1, 0] + 1) / 2).numpy()
+    saved_difference = np.load(tmp_path / "out" / "difference" / f"{request.inputs.ids[1]}_seed1.npy")
+    np.testing.assert_allclose(saved_difference, expected, atol=1e-6)
+
+
+def test_script_reads_a_folder_of_images_named_by_their_paths(tiny_model, tmp_path):
+    films = tmp_path / "films"
+    (films / "ward").mkdir(parents=True)
+    picture = (np.random.default_rng(0).random((80, 80)) * 255).astype(np.uint8)
+    Image.fromarray(picture).save(films / "a.png")
+    Image.fromarray(picture[::-1]).save(films / "ward" / "a.png")
+    (films / "broken.png").write_bytes(b"not a png")
+    metrics = zero_shot_induction.main([
+        f"checkpoint={tiny_model}", f"output_dir={tmp_path / 'out'}", "classifier_checkpoint=null", f"input={films}",
+        "box=8,8,40,40", "seeds=[3]", "induction.num_inference_steps=2",
+    ])
+    assert [r["id"] for r in metrics["per_sample"]] == ["a", "ward/a"]  # the broken file skipped
+    for name in ("a", "ward/a"):
+        assert (tmp_path / "out" / "induced" / f"{name}_seed3.png").is_file()
+        assert (tmp_path / "out" / "panels" / f"{name}.png").is_file()

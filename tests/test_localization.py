@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lightning_modules.localization import OVERALL, CounterfactualScores, LocalizationScores, best_dice
+from lightning_modules.counterfactual_scores import CounterfactualScores
+from lightning_modules.localization import OVERALL, LocalizationScores, best_dice
 
 FINDINGS = ("nodule", "effusion")
 

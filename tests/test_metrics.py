@@ -1,37 +1,22 @@
-"""FID, SSIM and MS-SSIM against independent computations; MS-SSIM at small sizes; FID extractors found offline."""
+"""FID, SSIM and MS-SSIM against independent computations; MS-SSIM at small sizes; FID extractors found offline;
+per-image seeds."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from scipy import linalg, ndimage
 from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure
 
-from configs import compose
-from lightning_modules.metrics import (INCEPTION_WEIGHTS, DomainFeatures, GenerationMetrics, build_extractors,
-                                       find_inception_weights, flatten, image_groups, ms_ssim_setting,
-                                       spread_indices)
-
-CLASSES = ("Normal", "nodule", "effusion")
-
-
-class PooledPixels(torch.nn.Module):
-    """A parameter-free "classifier" whose features are 3x3 average-pooled pixels: (B, 1, H, W) -> (B, 9)."""
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(images, 3).flatten(1)
-
-
-def _images(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    smooth = F.avg_pool2d(torch.rand(n, 1, 64, 64, generator=g), 5, stride=1, padding=2)  # some structure for SSIM
-    return (smooth * 2 - 1 + shift).clamp(-1, 1)
+from datamodules.base import spread_indices
+from lightning_modules.fid import INCEPTION_WEIGHTS, DomainFeatures, build_extractors, find_inception_weights
+from lightning_modules.generation_metrics import GenerationMetrics, flatten, image_groups, ms_ssim_setting
+from lightning_modules.seeding import image_generators
+from tests.helpers import CLASSES, PooledPixels, classifier_checkpoint, smooth_images
 
 
 def scipy_frechet(x: np.ndarray, y: np.ndarray) -> float:
@@ -47,7 +32,9 @@ def wang_ssim(x: np.ndarray, y: np.ndarray) -> float:
 
     ``mode="mirror"`` is torch's reflect padding (edge pixel not repeated).
     """
-    blur = lambda a: ndimage.gaussian_filter(a, sigma=1.5, truncate=3.5, mode="mirror")  # radius 5: 11 px
+    def blur(a: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(a, sigma=1.5, truncate=3.5, mode="mirror")  # radius 5: 11 px
+
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
@@ -57,9 +44,9 @@ def wang_ssim(x: np.ndarray, y: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def data():
-    real = _images(24, 0)
+    real = smooth_images(24, 0)
     counterfactual = (real + 0.15 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
-    generated = _images(24, 2, shift=0.2)
+    generated = smooth_images(24, 2, shift=0.2)
     groups = [["Normal"]] * 10 + [["nodule"]] * 8 + [["nodule", "effusion"]] * 5 + [["effusion"]]
     return real, generated, counterfactual, groups
 
@@ -75,7 +62,9 @@ def results(data):
 
 def test_fid_equals_the_frechet_distance_computed_by_scipy(data, results):
     real, generated, counterfactual, groups = data
-    features = lambda x: PooledPixels().features(x).double().numpy()
+    def features(x: torch.Tensor) -> np.ndarray:
+        return PooledPixels().features(x).double().numpy()
+
     for group, index in [("overall", slice(None)), ("Normal", slice(0, 10)), ("nodule", slice(10, 23))]:
         for pair, fake in [("generated", generated), ("counterfactual", counterfactual)]:
             expected = scipy_frechet(features(real[index]), features(fake[index]))
@@ -85,10 +74,12 @@ def test_fid_equals_the_frechet_distance_computed_by_scipy(data, results):
 
 def test_ssim_equals_the_wang_reference(data, results):
     real, _, counterfactual, _ = data
-    unit = lambda x: ((x[:, 0] + 1) / 2).double().numpy()
-    expected = np.mean([wang_ssim(a, b) for a, b in zip(unit(counterfactual), unit(real))])
+    def unit(x: torch.Tensor) -> np.ndarray:
+        return ((x[:, 0] + 1) / 2).double().numpy()
+
+    expected = np.mean([wang_ssim(a, b) for a, b in zip(unit(counterfactual), unit(real), strict=True)])
     assert results["overall"]["counterfactual"]["ssim"] == pytest.approx(expected, abs=1e-4)
-    normal = np.mean([wang_ssim(a, b) for a, b in zip(unit(counterfactual[:10]), unit(real[:10]))])
+    normal = np.mean([wang_ssim(a, b) for a, b in zip(unit(counterfactual[:10]), unit(real[:10]), strict=True)])
     assert results["Normal"]["counterfactual"]["ssim"] == pytest.approx(normal, abs=1e-4)
     assert results["overall"]["counterfactual"]["ssim"] > results["overall"]["generated"]["ssim"]
 
@@ -96,7 +87,7 @@ def test_ssim_equals_the_wang_reference(data, results):
 def test_groups_count_each_finding_and_leave_out_what_cannot_be_computed(results):
     assert [results[g]["n"] for g in ("overall", *CLASSES)] == [24, 10, 13, 6]
     effusion = GenerationMetrics(CLASSES, 64, {"fid_domain": DomainFeatures(PooledPixels())})
-    real = _images(3, 5)
+    real = smooth_images(3, 5)
     effusion.update(real, [["Normal"], ["Normal"], ["effusion"]], counterfactual=real)
     one = effusion.compute()
     assert one["effusion"]["counterfactual"]["fid_domain"] is None and one["nodule"]["n"] == 0  # FID needs 2
@@ -161,17 +152,17 @@ class FakeInception(torch.nn.Module):
 
 
 def test_inception_fid_takes_a_local_weights_file_checked_as_plain_tensors(tmp_path, monkeypatch):
-    import lightning_modules.metrics as metrics_module
+    import lightning_modules.fid as fid_module
 
-    monkeypatch.setattr(metrics_module, "NoTrainInceptionV3", FakeInception)
-    monkeypatch.setattr(metrics_module.InceptionFeatures, "num_features", 8)
+    monkeypatch.setattr(fid_module, "NoTrainInceptionV3", FakeInception)
+    monkeypatch.setattr(fid_module.InceptionFeatures, "num_features", 8)
     weights = tmp_path / INCEPTION_WEIGHTS
     torch.save({"conv.weight": torch.zeros(2)}, weights)
     extractors, skipped = build_extractors(inception="auto", inception_weights=str(weights))
     assert set(extractors) == {"fid"} and "fid_domain" in skipped
     metrics = GenerationMetrics(CLASSES, 64, extractors)
-    real = _images(3, 6)
-    metrics.update(real, [["Normal"]] * 3, counterfactual=real, generated=_images(3, 7, shift=0.5))
+    real = smooth_images(3, 6)
+    metrics.update(real, [["Normal"]] * 3, counterfactual=real, generated=smooth_images(3, 7, shift=0.5))
     values = metrics.compute()["overall"]
     assert values["counterfactual"]["fid"] == pytest.approx(0.0, abs=1e-3) and values["generated"]["fid"] > 1.0
 
@@ -180,24 +171,23 @@ def test_inception_fid_takes_a_local_weights_file_checked_as_plain_tensors(tmp_p
         build_extractors(inception=True, inception_weights=str(weights))
 
 
-def classifier_checkpoint(path: Path, finding_names: Sequence[str]) -> Path:
-    """An (untrained) FindingClassifier of the CPU model config, saved as a Lightning checkpoint holds it."""
-    from lightning_modules.classifier import FindingClassifier
-
-    network = OmegaConf.to_container(compose("train").model.classifier.network)
-    classifier = FindingClassifier(finding_names=tuple(finding_names), network=network)
-    torch.save({"hyper_parameters": dict(classifier.hparams), "state_dict": classifier.state_dict()}, path)
-    return path
-
-
 def test_fid_domain_uses_the_finding_classifier_checkpoint(tmp_path):
     path = classifier_checkpoint(tmp_path / "classifier.ckpt", CLASSES[1:])
     extractors, skipped = build_extractors(inception=False, classifier_checkpoint=str(path))
     assert set(extractors) == {"fid_domain"} and set(skipped) == {"fid"}
 
     metrics = GenerationMetrics(CLASSES, 64, extractors)
-    real = _images(6, 3)
-    metrics.update(real, [["Normal"]] * 6, generated=_images(6, 4, shift=0.5), counterfactual=real)
+    real = smooth_images(6, 3)
+    metrics.update(real, [["Normal"]] * 6, generated=smooth_images(6, 4, shift=0.5), counterfactual=real)
     values = metrics.compute()["overall"]
     assert values["counterfactual"]["fid_domain"] == pytest.approx(0.0, abs=1e-3)
     assert values["generated"]["fid_domain"] > 1e-3
+
+
+def test_each_image_has_its_own_generator_seeded_by_its_id_and_the_seed():
+    def draw(ids: list[str], seed: int) -> list[torch.Tensor]:
+        return [torch.randn(3, generator=g) for g in image_generators(ids, seed)]
+
+    a, b = draw(["x", "y"], 0), draw(["y", "x"], 0)
+    assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])  # the order (batch, rank) does not matter
+    assert not torch.equal(a[0], a[1]) and not torch.equal(draw(["x"], 1)[0], a[0])

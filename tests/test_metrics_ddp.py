@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_modules.metrics import DomainFeatures, GenerationMetrics
-from tests.test_metrics import CLASSES, PooledPixels, _images
+from lightning_modules.fid import DomainFeatures
+from lightning_modules.generation_metrics import GenerationMetrics
+from tests.helpers import CLASSES, PooledPixels, smooth_images
 
 N = 20
 #: shards of unequal size, and "effusion" only on rank 1: a rank with no image of a class still joins the reduction
@@ -18,9 +19,9 @@ SHARDS = (range(0, 12), range(12, N))
 
 
 def _data():
-    real = _images(N, 0)
+    real = smooth_images(N, 0)
     counterfactual = (real + 0.1 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
-    generated = _images(N, 2, shift=0.3)
+    generated = smooth_images(N, 2, shift=0.3)
     groups = [["Normal"]] * 7 + [["nodule"]] * 8 + [["nodule", "effusion"]] * 2 + [["effusion"]] * 3
     return real, generated, counterfactual, groups
 

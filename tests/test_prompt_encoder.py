@@ -6,6 +6,7 @@ from lightning_modules.prompt_encoder import OFFLINE_MINILM, PromptEncoder, reso
 
 @pytest.fixture(scope="module")
 def encoder():
+    """Shared by the tests that only encode (its cache may grow); a test that changes an encoder builds its own."""
     return PromptEncoder(OFFLINE_MINILM, max_length=16)
 
 
@@ -37,7 +38,8 @@ def test_cache_encodes_each_prompt_once_and_matches_uncached(monkeypatch):
     assert torch.allclose(uncached(["nodule"])[0], second[0], atol=1e-6)
 
 
-def test_frozen_and_stays_in_eval_mode(encoder):
+def test_frozen_and_stays_in_eval_mode():
+    encoder = PromptEncoder(OFFLINE_MINILM, max_length=16)
     encoder.train()
     assert not encoder.model.training
     assert not any(p.requires_grad for p in encoder.parameters())

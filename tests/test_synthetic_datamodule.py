@@ -2,7 +2,6 @@
 the COVID-19 Radiography Database layout, and the prompt banks every dataset shares."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,7 @@ from torch.utils.data import DataLoader
 from configs import CONFIG_DIR, instantiate
 from datamodules.phantoms import FINDINGS
 from datamodules.prompts import SEPARATOR, PromptBank, compose_report, placeholders
-from datamodules.synthetic import (COVID_CLASSES, SyntheticCXRDataModule, covid_class, main, save_contact_sheet,
-                                   write_covid_layout)
+from datamodules.synthetic import COVID_CLASSES, SyntheticCXRDataModule, covid_class, main
 
 KEYS = {"image", "healthy", "prompt", "label", "mask", "lung_mask", "has_mask", "id"}
 
@@ -66,11 +64,13 @@ def test_masks_healthy_twins_and_labels_agree(dm):
     assert torch.equal(batch["image"][healthy], batch["healthy"][healthy])
     assert batch["mask"][healthy].sum() == 0 and (batch["mask"][~healthy].flatten(1).sum(1) > 0).all()
     assert (batch["mask"] <= batch["lung_mask"]).all()
-    assert all(p in dm.bank.normal for p, h in zip(batch["prompt"], healthy) if h)
+    assert all(p in dm.bank.normal for p, h in zip(batch["prompt"], healthy, strict=False) if h)
 
 
 def test_seeded_determinism():
-    make = lambda seed: SyntheticCXRDataModule(num_train=4, num_val=4, num_test=4, seed=seed).dataset("train")
+    def make(seed: int):
+        return SyntheticCXRDataModule(num_train=4, num_val=4, num_test=4, seed=seed).dataset("train")
+
     a, b, c = make(0), make(0), make(1)
     for i in range(4):
         assert a[i]["image"].numpy().tobytes() == b[i]["image"].numpy().tobytes() and a[i]["prompt"] == b[i]["prompt"]
@@ -93,7 +93,7 @@ def test_order_independent_across_workers_and_shuffling(dm):
     loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(3))
     seen = 0
     for batch in loader:
-        for sample_id, image in zip(batch["id"], batch["image"]):
+        for sample_id, image in zip(batch["id"], batch["image"], strict=False):
             assert torch.equal(image, direct[sample_id])
             seen += 1
     assert seen == len(ds)
@@ -108,7 +108,7 @@ def test_prompts_name_each_finding_and_its_place(dm, bank):
             continue
         parts = prompt.split(SEPARATOR)
         assert len(parts) == len(findings), prompt
-        for f, part in zip(findings, parts):
+        for f, part in zip(findings, parts, strict=False):
             assert part in {p.format(side=f.side, zone=f.zone) for p in bank.findings[f.kind]}, (f, part)
             assert re.search(rf"\b{f.side}\b", part) and (f.kind == "effusion" or re.search(rf"\b{f.zone}\b", part))
 

@@ -1,4 +1,7 @@
-"""Both stages end to end with the smoke config, as `make train-autoencoder` / `make train` run them."""
+"""Both stages end to end with the smoke config, as `make train-autoencoder` / `make train` run them.
+
+Every test that trains is marked slow; the stage-1 export is shared (module scope) and only read: each stage-2 run
+logs under its own ``tmp_path``."""
 
 from __future__ import annotations
 
@@ -25,12 +28,14 @@ def _events(run_dir: Path) -> EventAccumulator:
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory) -> Path:
+    """The log dir of one smoke stage-1 run (its VAE export under autoencoder/vae); tests read it, never write it."""
     log_dir = tmp_path_factory.mktemp("logs")
     export = train_autoencoder.main(["experiment=smoke", f"log_dir={log_dir}"])
     assert (export / "config.json").is_file() and (export / "diffusion_pytorch_model.safetensors").is_file()
     return log_dir
 
 
+@pytest.mark.slow
 def test_stage1_trains_logs_and_exports_a_diffusers_vae(stage1):
     from lightning_modules.vae import load_vae
 
@@ -42,17 +47,19 @@ def test_stage1_trains_logs_and_exports_a_diffusers_vae(stage1):
     assert (next((stage1 / "autoencoder").glob("version_*")) / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_sample_grids_every_n_steps_and_the_final_model_once(stage1, tmp_path):
     train.main(["experiment=smoke", f"log_dir={tmp_path}", f"model.vae.path={stage1 / 'autoencoder' / 'vae'}",
                 "callbacks.samples.every_n_steps=2", "callbacks.samples.samples_per_prompt=1"])
     assert [image.step for image in _events(tmp_path / "ldm").Images("samples/prompt_rows")] == [2, 4]
 
 
-def test_stage2_trains_logs_samples_and_resumes(stage1):
+@pytest.mark.slow
+def test_stage2_trains_logs_samples_and_resumes(stage1, tmp_path):
     vae = f"model.vae.path={stage1 / 'autoencoder' / 'vae'}"
-    trainer = train.main(["experiment=smoke", f"log_dir={stage1}", vae])
+    trainer = train.main(["experiment=smoke", f"log_dir={tmp_path}", vae])
     assert trainer.global_step == 4
-    run = stage1 / "ldm"
+    run = tmp_path / "ldm"
     assert {"last.ckpt", "best.ckpt"} <= {p.name for p in (run / "checkpoints").iterdir()}
     events = _events(run)
     assert {"train/loss", "val/loss"} <= set(events.Tags()["scalars"])
@@ -64,12 +71,13 @@ def test_stage2_trains_logs_samples_and_resumes(stage1):
     assert not any(k.startswith(("vae.", "prompt_encoder.")) for k in checkpoint["state_dict"])
     assert checkpoint["ema"]["optimization_step"] == 4
 
-    resumed = train.main(["experiment=smoke", f"log_dir={stage1}", vae, "ckpt_path=last", "trainer.max_steps=6"])
+    resumed = train.main(["experiment=smoke", f"log_dir={tmp_path}", vae, "ckpt_path=last", "trainer.max_steps=6"])
     assert resumed.global_step == 6
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["ema"]["optimization_step"] == 6 and checkpoint["global_step"] == 6
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_stage2_under_ddp_with_two_cpu_processes(stage1, tmp_path):
     """`make train EXPERIMENT=smoke GPUS=2 ACCELERATOR=cpu`: two gloo processes train to completion."""
@@ -90,6 +98,7 @@ def test_bad_override_exits_with_the_valid_keys(capsys):
         train.main(["experiment=smoke", "trainer.max_stepz=3"])
 
 
+@pytest.mark.slow
 def test_phantoms_written_in_the_covid_layout_train_through_the_covid_datamodule(stage1, tmp_path):
     """The real-data path end to end: phantoms on disk as the COVID-19 Radiography Database, smoke config."""
     from datamodules.synthetic import SyntheticCXRDataModule
@@ -103,6 +112,7 @@ def test_phantoms_written_in_the_covid_layout_train_through_the_covid_datamodule
     assert (tmp_path / "logs" / "ldm" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(tmp_path):
     """Reproducible: two runs with one seed export byte-identical VAEs; another seed does not."""
     from safetensors.torch import load_file

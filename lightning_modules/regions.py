@@ -1,4 +1,4 @@
-"""Zero-shot localized disease induction (method.md §3): where to induce, and how local the result is.
+"""Regions of an image for zero-shot induction (docs/method.md): where to induce, and how local the result is.
 
 A region is given one of three ways (the most specific wins), checked against the image size *before* any model
 is loaded:

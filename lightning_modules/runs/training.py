@@ -1,12 +1,9 @@
-"""What every training entry point shares: config from the command line, data checked first, logger, checkpoints,
-resume, and the config saved beside the run."""
+"""What every training entry point shares: data checked first, the stage-2 module built from the config, logger,
+checkpoints, resume, and the config saved beside the run."""
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -15,23 +12,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from configs import ConfigError, compose, instantiate
+from configs import instantiate
 from datamodules.base import CXRDataModule
+from lightning_modules.latent_diffusion import LatentDiffusionModule
+from lightning_modules.runs.cli import log
 
-log = logging.getLogger("vald")
-
-
-def load_config(name: str, argv: list[str] | None = None) -> DictConfig:
-    """``python experiments/<script>.py [group=choice] [key=value ...]``; a bad key exits with the valid ones."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(f"usage: {Path(sys.argv[0]).name} [data=NAME] [model=NAME] [trainer=NAME] [experiment=NAME] "
-              f"[key=value ...]\n\nresolved defaults:\n{OmegaConf.to_yaml(compose(name))}")
-        raise SystemExit(0)
-    try:
-        return compose(name, argv)
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
+#: the model keys that build LatentDiffusionModule (the rest of `model` configures stage 1 and the classifier)
+MODULE_KEYS = ("vae", "unet", "prompt_encoder", "noise_scheduler", "p_uncond", "ema", "optimizer", "compile")
 
 
 def seed_and_threads(cfg: DictConfig) -> None:
@@ -47,6 +34,19 @@ def build_datamodule(cfg: DictConfig) -> CXRDataModule:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     return datamodule
+
+
+def build_latent_diffusion(cfg: DictConfig, datamodule: CXRDataModule, **overrides) -> LatentDiffusionModule:
+    """Stage 2 as ``cfg.model`` describes it, sized to the data; ``overrides`` replace module arguments (the benchmark
+    switches the latent cache and compilation). Latents are cached only when the data has no random augmentation."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    cache_latents = model["cache_latents"] and not datamodule.has_random_augmentation
+    if model["cache_latents"] and not cache_latents:
+        log.warning("model.cache_latents ignored: the data has random augmentation, so latents change every epoch")
+    arguments = dict({key: model[key] for key in MODULE_KEYS}, cache_latents=cache_latents,
+                     image_size=datamodule.image_size, total_steps=cfg.trainer.max_steps,
+                     sampling={**model["sampling"], "normal_prompt": datamodule.normal_prompt})
+    return LatentDiffusionModule(**{**arguments, **overrides})
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], monitor: str = "val/loss") -> L.Trainer:
@@ -85,13 +85,3 @@ def resume_path(cfg: DictConfig) -> str | None:
 def fit(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: CXRDataModule) -> None:
     save_config(cfg, trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
-
-
-def write_results(out_dir: str | Path, name: str, result: dict, table: str) -> Path:
-    """``<name>.json`` (everything measured) and ``<name>.md`` (the table, also printed) in ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(table)
-    print(table)
-    return out

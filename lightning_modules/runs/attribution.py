@@ -1,0 +1,407 @@
+"""The attribution run (experiments/counterfactual_attribution.py): every method on a dataset split or a folder of
+images, the maps and counterfactuals written per image, scored against lesion masks when the data has them.
+
+In order: ``check_config`` (the run's own keys) and ``build_methods`` (each method's settings, ``methods/``) before
+anything loads; ``load_inputs`` (data: unreadable inputs and missing roots fail here) and ``load_models``; then
+``process`` (scoring loop) with ``summarize`` + ``markdown``, or ``tune`` (grid search on the validation split).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchmetrics import MeanMetric
+from torchmetrics.functional.classification import binary_average_precision
+from tqdm import tqdm
+
+from configs import instantiate
+from datamodules.base import CXRDataModule, spread_indices, to_model_range, to_unit_range
+from datamodules.folder import ImageFolder, collate_readable
+from lightning_modules.attribution import attribution_map, normalize_per_image, signed_map
+from lightning_modules.classifier import FindingClassifier
+from lightning_modules.counterfactual_scores import CounterfactualScores
+from lightning_modules.localization import OVERALL, LocalizationScores
+from lightning_modules.methods import Method, Models, build
+from lightning_modules.overlays import save_array, save_gray_png, save_overlay
+from lightning_modules.pipeline import LatentDiffusionPipeline
+from lightning_modules.settings import COUNTERFACTUAL_METHODS, SamplingSettings
+
+SCORED_KINDS = ("positive", "absolute")  # a signed map cannot be ranked as "lesion here"
+SPLITS = ("train", "val", "test")
+
+
+# 1. the request, checked before any model is loaded ----------------------------------------------------------------
+def check_config(cfg: DictConfig) -> None:
+    """The run's own keys (each method checks its block in ``build_methods``); ``ValueError`` lists every problem."""
+    problems = []
+    if not cfg.methods:
+        problems.append("methods: none given")
+    if cfg.map.kind not in SCORED_KINDS:
+        problems.append(f"map.kind must be one of {SCORED_KINDS}, got {cfg.map.kind!r}")
+    if not Path(cfg.checkpoint).is_file():
+        problems.append(f"checkpoint: no file at {cfg.checkpoint} (train one: make demo, or experiments/train.py)")
+    if cfg.split not in SPLITS or cfg.tune.split not in SPLITS:
+        problems.append(f"split and tune.split must be one of {SPLITS}")
+    if cfg.tune.enabled and cfg.tune.split == "test":
+        problems.append("tune.split=test: settings are never tuned on the test split (use val)")
+    if cfg.batch_size < 1 or (cfg.num_images is not None and cfg.num_images < 1):
+        problems.append("batch_size and num_images must be positive")
+    if problems:
+        raise ValueError("\n  ".join(["bad configuration:", *problems]))
+
+
+def build_methods(cfg: DictConfig, defaults: SamplingSettings) -> dict[str, Method]:
+    """Every method of ``cfg.methods`` (duplicates once), its settings validated; ``defaults``: the checkpoint's."""
+    return {name: build(name, cfg, defaults) for name in dict.fromkeys(cfg.methods)}
+
+
+@dataclass
+class Trial:
+    method: str
+    values: dict  # the grid point: setting -> value
+    instance: Method
+
+
+def tuning_trials(cfg: DictConfig, defaults: SamplingSettings) -> list[Trial]:
+    """Every grid point of ``tune.<method>`` for the requested methods that have a grid, built (validated) now."""
+    trials = []
+    for name in (m for m in COUNTERFACTUAL_METHODS if m in cfg.methods):
+        grid = OmegaConf.to_container(cfg.tune[name])
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values, strict=True))
+            trials.append(Trial(name, point, build(name, cfg, defaults, **point)))
+    return trials
+
+
+# 2. data ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    dataset: Dataset  # the split scored (or tuned on), or an ImageFolder of the user's files
+    datamodule: CXRDataModule | None  # the data's DataModule, when any split of it is used
+    finding_names: tuple[str, ...]
+    notes: list[str] = field(default_factory=list)
+
+
+def load_inputs(cfg: DictConfig, image_size: int, methods: dict[str, Method]) -> Inputs:
+    """The images to run on; ``image_size``: the checkpoint's. Sets ``cfg.data.image_size`` to it (noted)."""
+    datamodule, notes = None, []
+    if cfg.input is None or cfg.tune.enabled or any(m.needs_train_split for m in methods.values()):
+        if "image_size" in cfg.data and cfg.data.image_size != image_size:
+            notes.append(f"data.image_size set to {image_size}, the size the model was trained on")
+            cfg.data.image_size = image_size
+        datamodule = instantiate(cfg.data)
+    if cfg.input is None or cfg.tune.enabled:
+        dataset = datamodule.dataset(cfg.tune.split if cfg.tune.enabled else cfg.split)
+    else:
+        dataset = ImageFolder(cfg.input, image_size, cfg.resize)
+        notes += dataset.notes
+    finding_names = tuple(datamodule.finding_names) if datamodule is not None else ()
+    return Inputs(dataset, datamodule, finding_names, notes)
+
+
+def run_batches(cfg: DictConfig, inputs: Inputs) -> tuple[Iterator[dict], int]:
+    """The batches of the run and how many images they hold: ``num_images`` spread evenly over a split (every class
+    its share in class-ordered datasets), the first ``num_images`` of a folder."""
+    dataset = inputs.dataset
+    if isinstance(dataset, ImageFolder):
+        count = len(dataset) if cfg.num_images is None else min(cfg.num_images, len(dataset))
+        loader = DataLoader(Subset(dataset, range(count)), batch_size=cfg.batch_size, shuffle=False,
+                            collate_fn=collate_readable)
+        return iter(loader), count
+    indices = spread_indices(len(dataset), cfg.num_images)
+    return dataset_batches(dataset, indices, cfg.batch_size, inputs.datamodule.num_workers), len(indices)
+
+
+def dataset_batches(dataset: Dataset, indices: list[int], batch_size: int, num_workers: int) -> Iterator[dict]:
+    """The samples at ``indices``, in order, each batch with the samples' ``index`` into ``dataset``."""
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for start, batch in zip(range(0, len(indices), batch_size), loader, strict=True):
+        batch["index"] = indices[start:start + len(batch["id"])]
+        yield batch
+
+
+def finding_masks(dataset: Dataset, batch: dict, names: tuple[str, ...]) -> torch.Tensor | None:
+    """(B, K, H, W) one mask per finding type, when the dataset renders them (the phantoms), else None."""
+    if not hasattr(dataset, "phantom") or "index" not in batch:
+        return None
+    masks = [[dataset.phantom(i).finding_mask(kind) for kind in names] for i in batch["index"]]
+    return torch.from_numpy(np.array(masks, dtype=bool))
+
+
+def scored_rows(batch: dict) -> torch.Tensor:
+    """(B,) abnormal images with a known lesion mask: the ones localization is scored on."""
+    if "label" not in batch:
+        return torch.zeros(len(batch["id"]), dtype=torch.bool)
+    has_mask = batch["has_mask"].bool() if "has_mask" in batch else batch["mask"].flatten(1).any(1)
+    return batch["label"].bool().any(1) & has_mask
+
+
+def select(batch: dict, rows: torch.Tensor) -> dict:
+    """The ``rows`` (B,) bool of every tensor and list of a batch."""
+    keep = rows.tolist()
+    return {k: v[rows] if torch.is_tensor(v) else [x for x, on in zip(v, keep, strict=True) if on]
+            for k, v in batch.items()}
+
+
+# 3. models --------------------------------------------------------------------------------------------------------
+def load_classifier(cfg: DictConfig, notes: list[str]) -> FindingClassifier | None:
+    """The judge of validity and the saliency baseline; without its checkpoint both are skipped, and said so."""
+    path = cfg.classifier_checkpoint
+    if path is None or not Path(path).is_file():
+        notes.append(f"no classifier checkpoint ({path}; train one with experiments/train_classifier.py): "
+                     "saliency baseline and validity skipped")
+        return None
+    return FindingClassifier.from_checkpoint(path, map_location=cfg.device).eval()
+
+
+def load_models(cfg: DictConfig, methods: dict[str, Method], inputs: Inputs) -> Models:
+    """The pipeline, the classifier (not when tuning) and what the methods need; each method is prepared. Methods
+    that need the classifier are dropped from ``methods`` when there is none (the note says so)."""
+    pipeline = LatentDiffusionPipeline.from_checkpoint(cfg.checkpoint, cfg.device, compile=cfg.compile)
+    models = Models(pipeline, None if cfg.tune.enabled else load_classifier(cfg, inputs.notes))
+    for name in [n for n, m in methods.items() if m.needs_classifier and models.classifier is None]:
+        del methods[name]
+    if cfg.tune.enabled:
+        return models
+    if any(m.needs_train_split for m in methods.values()):
+        models.train_split = inputs.datamodule.dataset("train")
+    for method in methods.values():
+        method.prepare(models)
+    return models
+
+
+# 4. one method on one batch ---------------------------------------------------------------------------------------
+@dataclass
+class Attribution:
+    counterfactual01: torch.Tensor | None  # (B, 1, H, W) in [0, 1]
+    map: torch.Tensor  # (B, 1, H, W) non-negative: grey-level units for counterfactual methods
+    latent_error: torch.Tensor | None = None  # (B,) the reconstruction baseline's round trip
+
+
+def attribute(method: Method, images: torch.Tensor, models: Models, seed: int, kind: str, sigma: float,
+              prompts: list[str] | None = None) -> Attribution:
+    """``images`` (B, 1, H, W) in [-1, 1]. A counterfactual method's map is ``kind`` of x - x_cf, any other's its own
+    scores; both smoothed by ``sigma``. Every method gets its own generator from ``seed``, so adding or dropping a
+    method never changes another's output."""
+    output = method(images, models, torch.Generator("cpu").manual_seed(seed), prompts)
+    if not method.counterfactual:
+        return Attribution(None, attribution_map(output.map.cpu(), "absolute", sigma), output.latent_error)
+    counterfactual01 = to_unit_range(output.counterfactual.cpu())
+    signed = signed_map(to_unit_range(images.cpu()), counterfactual01)
+    return Attribution(counterfactual01, attribution_map(signed, kind, sigma), output.latent_error)
+
+
+def abnormal_probability(models: Models, images: torch.Tensor) -> torch.Tensor | None:
+    if models.classifier is None:
+        return None
+    with torch.no_grad():
+        return models.classifier.abnormal_probability(images.to(models.pipeline.device)).detach().cpu()
+
+
+# 5. the run -------------------------------------------------------------------------------------------------------
+def process(cfg: DictConfig, models: Models, methods: dict[str, Method], inputs: Inputs,
+            out: Path) -> tuple[list[dict], dict]:
+    """Every method on every batch: files written; the CSV rows and the accumulated scores returned, with
+    ``skipped``: (path, reason) of every input file that could not be read."""
+    names, finding_names, dataset = list(methods), inputs.finding_names, inputs.dataset
+    skipped = list(dataset.skipped) if isinstance(dataset, ImageFolder) else []
+    batches, total = run_batches(cfg, inputs)
+    localization = LocalizationScores(names, finding_names, cfg.metrics.thresholds)
+    counterfactual_scores = {n: CounterfactualScores() for n, m in methods.items() if m.counterfactual}
+    rows, labelled, counts = [], False, {"images": 0, "abnormal": 0, "scored": 0}
+    sensitivity = MeanMetric()  # abnormal inputs the classifier calls abnormal: what validity is measured against
+    latent_error = MeanMetric()  # the reconstruction baseline's round trip, healthy and abnormal inputs alike
+    b = 0  # batches with images: a batch whose files all failed to decode takes no seed
+    for batch in tqdm(batches, total=-(-total // cfg.batch_size), desc="attribution", unit="batch",
+                      disable=not cfg.progress):
+        skipped += batch.pop("skipped", [])
+        if not batch["id"]:
+            continue
+        images, ids = batch["image"], batch["id"]
+        images01 = to_unit_range(images)
+        scored = scored_rows(batch)
+        labelled = labelled or "label" in batch
+        abnormal = batch["label"].bool().any(1) if "label" in batch else None
+        per_type = finding_masks(dataset, batch, finding_names) if scored.any() else None
+        p_input = abnormal_probability(models, images)
+        if p_input is not None and abnormal is not None and abnormal.any():
+            sensitivity.update((p_input[abnormal] >= cfg.metrics.abnormal_threshold).float())
+        batch_rows = [base_row(batch, i, finding_names, bool(scored[i]), p_input) for i in range(len(ids))]
+        counts["images"] += len(ids)
+        counts["abnormal"] += int(abnormal.sum()) if abnormal is not None else 0
+        counts["scored"] += int(scored.sum())
+        for name, method in methods.items():
+            output = attribute(method, images, models, cfg.seed + b, cfg.map.kind, cfg.map.sigma, batch.get("prompt"))
+            scores01 = normalize_per_image(output.map)
+            if output.latent_error is not None:
+                latent_error.update(output.latent_error)
+            p_cf = None
+            if output.counterfactual01 is not None:
+                p_cf = abnormal_probability(models, to_model_range(output.counterfactual01))
+                if abnormal is not None:
+                    counterfactual_scores[name].update(
+                        images01, output.counterfactual01, abnormal, p_cf,
+                        to_unit_range(batch["healthy"]) if "healthy" in batch else None,
+                        cfg.metrics.abnormal_threshold)
+            if scored.any():
+                localization.update(name, scores01[scored], batch["mask"][scored], batch["label"][scored],
+                                    per_type[scored] if per_type is not None else None)
+            write_outputs(out, name, ids, images01, output, cfg, batch.get("prompt"))
+            for i, row in enumerate(batch_rows):  # every row gets every column (empty when n/a): stable order
+                row[f"{name}_map_mean"] = round(float(output.map[i].mean()), 6)
+                row[f"{name}_map_max"] = round(float(output.map[i].max()), 6)
+                if output.counterfactual01 is not None:
+                    row[f"{name}_change"] = round(float((images01[i] - output.counterfactual01[i]).abs().mean()), 6)
+                    row[f"{name}_p_abnormal"] = None if p_cf is None else round(float(p_cf[i]), 6)
+                if "mask" in batch:
+                    row[f"{name}_auprc"] = round(float(binary_average_precision(
+                        scores01[i].flatten(), batch["mask"][i].flatten().long())), 6) if scored[i] else None
+        rows.extend(batch_rows)
+        b += 1
+    if sensitivity.update_count:
+        counts["classifier_sensitivity"] = float(sensitivity.compute())
+    if latent_error.update_count:
+        counts["reconstruction_latent_error"] = float(latent_error.compute())
+    results = {"counts": counts, "labelled": labelled, "localization": localization.compute(),
+               "counterfactual": {n: s.compute() for n, s in counterfactual_scores.items()}, "skipped": skipped}
+    return rows, results
+
+
+def base_row(batch: dict, i: int, finding_names: tuple[str, ...], scored: bool,
+             p_input: torch.Tensor | None) -> dict:
+    row = {"id": batch["id"][i]}
+    if "path" in batch:
+        row["path"] = batch["path"][i]
+    if "prompt" in batch:
+        row["prompt"] = batch["prompt"][i]
+    if "label" in batch:
+        row["findings"] = ";".join(n for n, on in zip(finding_names, batch["label"][i].tolist(), strict=True) if on)
+    if "mask" in batch:
+        row["lesion_fraction"] = round(float(batch["mask"][i].mean()), 6) if scored else None
+    row["input_p_abnormal"] = None if p_input is None else round(float(p_input[i]), 6)
+    return row
+
+
+def write_outputs(out: Path, method: str, ids: list[str], images01: torch.Tensor, output: Attribution,
+                  cfg: DictConfig, prompts: list[str] | None) -> None:
+    difference_map = output.counterfactual01 is not None
+    for i, sample_id in enumerate(ids):
+        heat = output.map[i, 0].numpy()
+        save_array(out / "maps" / method / f"{sample_id}.npy", heat)
+        cf = output.counterfactual01[i, 0].numpy() if difference_map else None
+        if cf is not None:
+            save_gray_png(out / "counterfactuals" / method / f"{sample_id}.png", cf)
+        if method in cfg.overlays.methods:
+            label = ({"positive": "denser than counterfactual", "absolute": "|input - counterfactual|"}
+                     [cfg.map.kind] + " (grey fraction)") if difference_map else f"{method} score"
+            title = f"{sample_id}: {prompts[i]}" if prompts else sample_id
+            save_overlay(out / "overlays" / method / f"{sample_id}.png", images01[i, 0].numpy(), heat, cf,
+                         title=title, label=label, vmax=cfg.overlays.vmax if difference_map else None,
+                         cmap=cfg.overlays.cmap)
+
+
+# 6. reports -------------------------------------------------------------------------------------------------------
+def summarize(cfg: DictConfig, results: dict, methods: list[str], notes: list[str]) -> dict:
+    localization, counterfactual = results["localization"], results["counterfactual"]
+    summary_methods = {}
+    for method in methods:
+        entry = {k: v for k, v in localization.get(method, {}).get(OVERALL, {}).items()
+                 if k in ("auprc", "auroc", "dice", "threshold")}
+        entry.update(counterfactual.get(method, {}))
+        summary_methods[method] = entry
+    return {
+        "checkpoint": cfg.checkpoint, "classifier_checkpoint": cfg.classifier_checkpoint,
+        "data": cfg.data.name if cfg.input is None else None, "input": cfg.input, "split": cfg.split,
+        **{k: v for k, v in results["counts"].items()},
+        "settings": {m: OmegaConf.to_container(cfg[m]) for m in (*COUNTERFACTUAL_METHODS, "map", "baselines")},
+        "methods": summary_methods,
+        "per_finding": {m: {g: v for g, v in groups.items() if g != OVERALL} for m, groups in localization.items()},
+        "notes": notes,
+    }
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def markdown(summary: dict, finding_names: tuple[str, ...]) -> str:
+    lines = [f"Scored: {summary['scored']} abnormal images with masks of {summary['images']} "
+             f"({summary['abnormal']} abnormal). Maps scaled to [0, 1] per image; pixels pooled over images.", "",
+             "| method | AUPRC | AUROC | Dice | validity | minimality | distance to true healthy |",
+             "|---|---|---|---|---|---|---|"]
+    for method, m in summary["methods"].items():
+        lines.append(f"| {method} | {fmt(m.get('auprc'))} | {fmt(m.get('auroc'))} | {fmt(m.get('dice'))} | "
+                     f"{fmt(m.get('validity'))} | {fmt(m.get('minimality'))} | {fmt(m.get('twin_distance'))} |")
+    present = [n for n in finding_names if any(n in g for g in summary["per_finding"].values())]
+    if present:
+        lines += ["", "Per finding type, AUPRC / Dice (images with that type; other findings' pixels ignored):", "",
+                  "| method | " + " | ".join(f"{n} (n={first_count(summary, n)})" for n in present) + " |",
+                  "|---|" + "---|" * len(present)]
+        for method, groups in summary["per_finding"].items():
+            cells = [f"{fmt(groups[n]['auprc'])} / {fmt(groups[n]['dice'])}" if n in groups else "-" for n in present]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "validity: share of abnormal inputs whose counterfactual the classifier calls healthy; minimality: "
+              "mean |x - x_cf| on healthy inputs; distance to true healthy: mean |x_cf - x_healthy| on abnormal "
+              "inputs (grey range [0, 1])."]
+    if "classifier_sensitivity" in summary:
+        lines.append(f"The classifier calls {summary['classifier_sensitivity']:.1%} of the abnormal inputs abnormal.")
+    if "reconstruction_latent_error" in summary:
+        settings = summary["settings"]
+        method = settings["baselines"]["reconstruction"]["method"]
+        lines.append(f"Reconstruction baseline ({method} {settings[method]}, guidance 0): relative latent error "
+                     f"||z_rec - z_0|| / ||z_0|| = {summary['reconstruction_latent_error']:.4f} on average.")
+    lines += [f"note: {n}" for n in summary["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def first_count(summary: dict, finding: str) -> int:
+    return next(g[finding]["images"] for g in summary["per_finding"].values() if finding in g)
+
+
+# 7. tuning on the validation split --------------------------------------------------------------------------------
+def tune(cfg: DictConfig, models: Models, trials: list[Trial], inputs: Inputs, out: Path) -> dict:
+    """Grid search of ``trials`` (our methods' settings) and the map on ``tune.split`` by pixel AUPRC of abnormal
+    images; writes ``tune.json`` and returns its content."""
+    dataset, finding_names = inputs.dataset, inputs.finding_names
+    first = range(min(cfg.tune.num_images, len(dataset)))
+    batches = [b for b in dataset_batches(dataset, list(first), cfg.batch_size, 0) if scored_rows(b).any()]
+    batches = [select(b, scored_rows(b)) for b in batches]
+    maps = list(itertools.product(cfg.tune.map.kind, cfg.tune.map.sigma))
+    results = []
+    for trial in trials:
+        scores = LocalizationScores([f"{k}:{s}" for k, s in maps], finding_names, cfg.metrics.thresholds)
+        for b, batch in enumerate(tqdm(batches, desc=f"tune {trial.method} {trial.values}",
+                                       disable=not cfg.progress)):
+            output = trial.instance(batch["image"], models, torch.Generator("cpu").manual_seed(cfg.seed + b))
+            signed = signed_map(to_unit_range(batch["image"]), to_unit_range(output.counterfactual.cpu()))
+            for kind, sigma in maps:
+                scores.update(f"{kind}:{sigma}", normalize_per_image(attribution_map(signed, kind, sigma)),
+                              batch["mask"], batch["label"])
+        for key, groups in scores.compute().items():
+            kind, sigma = key.split(":")
+            results.append({"method": trial.method, **trial.values, "map.kind": kind, "map.sigma": float(sigma),
+                            **{k: groups[OVERALL][k] for k in ("auprc", "auroc", "dice")}})
+    best = {m: max((t for t in results if t["method"] == m), key=lambda t: t["auprc"])
+            for m in dict.fromkeys(t["method"] for t in results)}
+    report = {"split": cfg.tune.split, "images": sum(len(b["id"]) for b in batches), "best": best, "trials": results}
+    (out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def best_settings(report: dict) -> list[str]:
+    """One line per tuned method: its best AUPRC and the command-line overrides that select its settings."""
+    lines = []
+    for method, best in report["best"].items():
+        overrides = " ".join(f"{method}.{k}={v}" for k, v in best.items()
+                             if k not in ("method", "auprc", "auroc", "dice", "map.kind", "map.sigma"))
+        lines.append(f"best {method} on {report['split']} ({report['images']} abnormal images): AUPRC "
+                     f"{best['auprc']:.3f}  ->  {overrides} map.kind={best['map.kind']} map.sigma={best['map.sigma']}")
+    return lines

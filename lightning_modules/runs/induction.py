@@ -1,0 +1,245 @@
+"""The zero-shot induction run (method.md §3) behind ``experiments/zero_shot_induction.py``: draw a finding into one
+region of normal images and score how well it stayed there.
+
+1. ``prepare``: check every argument, build the settings, the region, the prompt and the inputs; no model yet.
+2. ``induce_all``: one induction per input and seed, scored (``SCORES``).
+3. ``write_outputs`` (images, signed differences, panels) and ``summarize`` (the means of metrics.json).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+
+from configs import instantiate
+from datamodules.base import CXRDataModule, to_unit_range
+from datamodules.folder import ImageFolder
+from lightning_modules.classifier import FindingClassifier
+from lightning_modules.overlays import save_array, save_gray_png
+from lightning_modules.pipeline import LatentDiffusionPipeline
+from lightning_modules.regions import RegionError, RegionSpec, inside_fraction, ssim_outside
+from lightning_modules.runs.cli import checkpoint_sampling, log
+from lightning_modules.settings import InductionSettings
+
+#: means reported in metrics.json. The first four score the output; the ``edit_`` ones the latent blend alone (the
+#: decoded result before the paste against the original's VAE round trip), and ``round_trip_ssim_outside`` the
+#: autoencoder's own error, which the paste removes.
+SCORES = ("inside_fraction", "ssim_outside", "classifier_prob_before", "classifier_prob_after",
+          "edit_inside_fraction", "edit_ssim_outside", "round_trip_ssim_outside")
+
+
+@dataclass
+class Inputs:
+    ids: list[str]  # output names: a dataset id with "/" -> "_", or the path under the input folder
+    images: torch.Tensor  # (N, 1, H, W) normal images in [-1, 1]
+    regions: torch.Tensor  # (N, 1, H, W) bool
+
+
+@dataclass
+class Request:
+    """Everything a run needs but the models, checked."""
+    settings: InductionSettings
+    region: RegionSpec
+    prompt: str
+    inputs: Inputs
+
+
+# 1. check arguments and gather inputs (no model yet) --------------------------------------------------------------
+def build_prompt(prompt: str | None, finding: str, datamodule: CXRDataModule, region: RegionSpec,
+                 data_name: str = "data") -> str:
+    """The given prompt, else the bank's first phrasing of the finding at the zone (e.g. "small nodule in the left
+    lower zone"), the fixed wording the model was trained on."""
+    if prompt is not None:
+        if not str(prompt).strip():
+            raise ValueError("prompt is empty: give the finding to draw, or prompt=null for the bank's phrasing")
+        return str(prompt)
+    bank = datamodule.bank
+    if finding not in bank.findings:
+        raise ValueError(f"unknown finding '{finding}'; the {data_name} bank has: {', '.join(bank.findings)}")
+    try:
+        return bank.phrase((finding, *(region.location or (None, None))), choice=0)
+    except ValueError as err:
+        raise ValueError(f"{err}: give zone= (used for the wording) or prompt=") from None
+
+
+def normal_indices(dataset, count: int) -> list[int]:
+    """The first ``count`` samples with no finding: all-zero labels, every label observed."""
+    def is_normal(i: int) -> bool:
+        if hasattr(dataset, "findings"):  # phantoms: no rendering needed
+            return not dataset.findings(i)
+        if hasattr(dataset, "labels"):  # XRayDataset: the label table
+            observed = dataset.label_mask is None or bool(dataset.label_mask[i].all())
+            return observed and not dataset.labels[i].any()
+        return not dataset[i]["label"].any()
+
+    found = [i for i in range(len(dataset)) if is_normal(i)][:count]
+    if not found:
+        raise ValueError(f"no normal images in this split of {len(dataset)}")
+    return found
+
+
+def folder_inputs(path: str, size: int, region: RegionSpec) -> Inputs:
+    """Every readable image under ``path`` (``ImageFolder``: ids are paths under the folder), the region on each;
+    unreadable files are skipped with a warning."""
+    if region.needs_lung_mask:
+        raise RegionError(f"zone '{region.zone}' needs lung masks, which image files do not bring: give box= or "
+                          "mask_path=")
+    folder = ImageFolder(path, size)
+    for note in folder.notes:
+        log.warning("%s", note)
+    for bad, reason in folder.skipped:
+        log.warning("skipping unreadable image %s (%s)", bad, reason)
+    samples = [folder[i] for i in range(len(folder))]
+    for sample in samples:
+        if "error" in sample:
+            log.warning("skipping unreadable image %s (%s)", sample["path"], sample["error"])
+    readable = [s for s in samples if "image" in s]
+    if not readable:
+        raise ValueError(f"input: no readable image under {path}")
+    mask = torch.from_numpy(region.mask(size))[None]
+    return Inputs([s["id"] for s in readable], torch.stack([s["image"] for s in readable]),
+                  torch.stack([mask] * len(readable)))
+
+
+def dataset_inputs(datamodule: CXRDataModule, split: str, count: int, region: RegionSpec,
+                   data_name: str = "data") -> Inputs:
+    """The first ``count`` normal images of ``split``; a zone region is cut from each image's lung mask."""
+    size = datamodule.image_size
+    dataset = datamodule.dataset(split)
+    ids, images, regions = [], [], []
+    for i in normal_indices(dataset, count):
+        sample = dataset[i]
+        if region.needs_lung_mask and "lung_mask" not in sample:
+            raise RegionError(f"zone '{region.zone}' needs lung masks, which {data_name} does not serve here "
+                              "(covid_radiography: data.lung_masks=true); or give box= or mask_path=")
+        lung = sample["lung_mask"][0].numpy() if "lung_mask" in sample else None
+        ids.append(str(sample["id"]).replace("/", "_"))
+        images.append(sample["image"])
+        regions.append(region.mask(size, lung))
+    return Inputs(ids, torch.stack(images), torch.from_numpy(np.stack(regions))[:, None])
+
+
+def prepare(cfg: DictConfig) -> Request:
+    """Check the request and gather the inputs before any model loads; ValueError (RegionError included) is a
+    one-line user error. ``cfg.induction`` holds the ``InductionSettings``; null steps or guidance: the checkpoint's."""
+    if not cfg.seeds or cfg.num_images < 1 or cfg.batch_size < 1:
+        raise ValueError("need at least one seed, num_images >= 1 and batch_size >= 1")
+    settings = InductionSettings.build(checkpoint_sampling(cfg.checkpoint),
+                                       **OmegaConf.to_container(cfg.induction, resolve=True))
+    try:
+        datamodule = instantiate(cfg.data)
+    except FileNotFoundError as err:  # a missing data root
+        raise ValueError(f"data: {err}") from None
+    region = RegionSpec.parse(datamodule.image_size, cfg.zone, cfg.box, cfg.mask_path)
+    prompt = build_prompt(cfg.prompt, cfg.finding, datamodule, region, cfg.data.name)
+    inputs = folder_inputs(cfg.input, datamodule.image_size, region) if cfg.input else \
+        dataset_inputs(datamodule, cfg.split, cfg.num_images, region, cfg.data.name)
+    return Request(settings, region, prompt, inputs)
+
+
+# 2. induce and score ------------------------------------------------------------------------------------------------
+def finding_probability(checkpoint: str | None, finding: str,
+                        device: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """images (B, 1, H, W) -> (B,) the independent classifier's probability of ``finding``; None (with a note)
+    when there is no classifier checkpoint or it does not score that finding."""
+    if not checkpoint or not Path(checkpoint).is_file():
+        log.warning("classifier scores skipped: no classifier checkpoint at classifier_checkpoint=%s", checkpoint)
+        return None
+    classifier = FindingClassifier.from_checkpoint(checkpoint, device).to(device)
+    if finding not in classifier.output_names:
+        log.warning("classifier scores skipped: it scores %s, not '%s'", classifier.output_names, finding)
+        return None
+    column = classifier.index(finding)
+    return lambda images: classifier.probabilities(images.to(device))[:, column].cpu()
+
+
+@dataclass
+class Induction:
+    index: int  # into Inputs
+    seed: int
+    image: torch.Tensor  # (1, H, W) in [-1, 1]
+    scores: dict[str, float | None]
+
+
+def induce_all(pipeline: LatentDiffusionPipeline, request: Request, seeds: Sequence[int], batch_size: int,
+               probability: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[Induction]:
+    """One induction per input and seed, in batches; each (seed, batch) draws from its own
+    ``torch.Generator("cpu").manual_seed(seed)``."""
+    inputs, done = request.inputs, []
+    for seed in seeds:
+        for lo in range(0, len(inputs.ids), batch_size):
+            images, regions = inputs.images[lo:lo + batch_size], inputs.regions[lo:lo + batch_size]
+            result = pipeline.induce(images, regions.float(), request.prompt, request.settings,
+                                     torch.Generator("cpu").manual_seed(seed))
+            induced, decoded, round_trip = result.images.cpu(), result.decoded.cpu(), result.round_trip.cpu()
+            scores = {"inside_fraction": inside_fraction(result.difference.cpu(), regions),
+                      "ssim_outside": ssim_outside(induced, images, regions),
+                      "edit_inside_fraction": inside_fraction(decoded - round_trip, regions),
+                      "edit_ssim_outside": ssim_outside(decoded, round_trip, regions),
+                      "round_trip_ssim_outside": ssim_outside(round_trip, images, regions)}
+            if probability is not None:
+                scores["classifier_prob_before"], scores["classifier_prob_after"] = \
+                    probability(torch.cat([images, induced])).chunk(2)
+            done += [Induction(lo + k, seed, induced[k], {key: float(v[k]) for key, v in scores.items()})
+                     for k in range(len(images))]
+    return done
+
+
+# 3. outputs ---------------------------------------------------------------------------------------------------------
+def save_panel(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+               vmax: float) -> None:
+    """original | region | induced | difference, one row per (title, ...); grey in [0, 1], the difference signed."""
+    figure = Figure(figsize=(8.8, 2.2 * len(rows)), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(rows), 4, squeeze=False)
+    for row, (title, original, region, induced, difference) in zip(axes, rows, strict=True):
+        for ax, picture, name in zip(row, (original, original, induced), (f"original, {title}", "region", "induced"),
+                                     strict=False):
+            ax.imshow(picture, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(name, fontsize=8)
+        tint = np.zeros((*region.shape, 4))
+        tint[..., 0], tint[..., 3] = 1.0, 0.35 * region  # red, see-through
+        row[1].imshow(tint, interpolation="nearest")
+        shown = row[3].imshow(difference, cmap=colormaps["RdBu_r"], vmin=-vmax, vmax=vmax, interpolation="nearest")
+        row[3].set_title("induced - original", fontsize=8)
+        figure.colorbar(shown, ax=row[3], fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+        for ax in row:
+            ax.set_axis_off()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", metadata={"Software": None})
+
+
+def write_outputs(out: Path, inputs: Inputs, inductions: list[Induction]) -> None:
+    """``induced/<id>_seed<k>.png``, ``difference/<id>_seed<k>.npy`` and ``panels/<id>.png`` under ``out``; one
+    colour scale for every panel of the run."""
+    originals = to_unit_range(inputs.images[:, 0]).numpy()  # (N, H, W) in [0, 1]
+    pictures = [to_unit_range(done.image[0]).numpy() for done in inductions]
+    differences = [picture - originals[done.index] for picture, done in zip(pictures, inductions, strict=True)]
+    vmax = max(float(np.abs(d).max()) for d in differences) or 1.0
+    panels: dict[int, list] = {}
+    for done, picture, difference in zip(inductions, pictures, differences, strict=True):
+        name = f"{inputs.ids[done.index]}_seed{done.seed}"
+        save_gray_png(out / "induced" / f"{name}.png", picture)
+        save_array(out / "difference" / f"{name}.npy", difference)
+        panels.setdefault(done.index, []).append((f"seed {done.seed}", originals[done.index],
+                                                  inputs.regions[done.index, 0].float().numpy(), picture, difference))
+    for index, rows in panels.items():
+        save_panel(out / "panels" / f"{inputs.ids[index]}.png", rows, vmax)
+
+
+def summarize(inductions: list[Induction]) -> dict[str, float | None]:
+    """Means over inputs and seeds; ``classifier_rise_fraction``: share where the finding's probability rose."""
+    scores = [done.scores for done in inductions]
+    summary = {key: float(np.mean([s[key] for s in scores])) if key in scores[0] else None for key in SCORES}
+    summary["classifier_rise_fraction"] = float(np.mean(
+        [s["classifier_prob_after"] > s["classifier_prob_before"] for s in scores])) \
+        if summary["classifier_prob_after"] is not None else None
+    return summary
