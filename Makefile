@@ -20,7 +20,7 @@ TRAIN_OVERRIDES = $(if $(filter gpu,$(ACCELERATOR)),trainer=gpu) \
 	trainer.accelerator=$(ACCELERATOR) trainer.devices=$(DEVICES) trainer.num_nodes=$(NODES) \
 	$(if $(DDP),trainer.strategy=ddp) $(ARGS)
 
-.PHONY: lock install test test-fast demo demo-covid-layout train train-autoencoder train-classifier tensorboard bench clean
+.PHONY: lock install lint test test-fast demo demo-covid-layout train train-autoencoder train-classifier tensorboard bench clean
 
 $(STAMP): setup.cfg requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ install: $(STAMP)
 # pytest's exit code 5 (no test selected, e.g. a -k that matches only fast tests) is not a failure.
 pytest = $(PY) -m pytest $(1) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-test: $(STAMP)
+# ruff: the format and the lint rules of pyproject.toml; `make test` runs it first
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
+
+test: lint
 	$(call pytest,-m "not slow")
 	$(call pytest,-m slow)
 

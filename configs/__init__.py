@@ -1,6 +1,7 @@
 """Config composition: one YAML per concern, chosen by group, overridden from the command line.
 
-``compose("train", ["data=chexpert", "trainer.max_steps=100"])`` reads ``configs/train.yaml``, replaces each entry of its
+``compose("train", ["data=chexpert", "trainer.max_steps=100"])`` reads ``configs/train.yaml``, replaces each entry of
+its
 ``defaults`` by the chosen file of that group (``configs/<group>/<choice>.yaml``, stored under ``<group>``), merges the
 chosen ``experiment`` (which may pick groups of its own in a ``defaults`` entry) over the result, then applies the
 remaining ``key=value`` overrides. Unknown group choices and unknown keys are errors that list what is valid.
@@ -9,8 +10,9 @@ remaining ``key=value`` overrides. Unknown group choices and unknown keys are er
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError

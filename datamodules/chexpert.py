@@ -55,7 +55,7 @@ CheXpert-v1.0-small/      <- data.root (or CheXpert-v1.0/, or the folder that co
   train/patient00001/study1/view1_frontal.jpg
   valid/patient64541/study1/view1_frontal.jpg
 with the CSV header
-  {','.join(HEADER)}"""
+  {",".join(HEADER)}"""
 _PATIENT = re.compile(r"(patient\d+)")
 
 

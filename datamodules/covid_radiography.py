@@ -165,13 +165,15 @@ class CovidRadiographyDataModule(CXRDataModule):
             lungs, lesions = _image_files(self.root / cls / "masks"), _image_files(self.root / cls / "lesion_masks")
             has_lesion_folder = (self.root / cls / "lesion_masks").is_dir()
             for stem, name in images.items():
-                rows.append({
-                    "path": f"{cls}/images/{name}",
-                    "class": cls,
-                    "lung_mask": f"{cls}/masks/{lungs[stem]}" if stem in lungs else None,
-                    "lesion_mask": f"{cls}/lesion_masks/{lesions[stem]}" if stem in lesions else None,
-                    "has_lesion_folder": has_lesion_folder,
-                })
+                rows.append(
+                    {
+                        "path": f"{cls}/images/{name}",
+                        "class": cls,
+                        "lung_mask": f"{cls}/masks/{lungs[stem]}" if stem in lungs else None,
+                        "lesion_mask": f"{cls}/lesion_masks/{lesions[stem]}" if stem in lesions else None,
+                        "has_lesion_folder": has_lesion_folder,
+                    }
+                )
         return pd.DataFrame(rows, columns=["path", "class", "lung_mask", "lesion_mask", "has_lesion_folder"])
 
     def _assign_splits(self, listing: pd.DataFrame) -> pd.DataFrame:
@@ -182,11 +184,20 @@ class CovidRadiographyDataModule(CXRDataModule):
             on_disk = set(listing["path"])
             gone, new = saved[~saved["path"].isin(on_disk)], listing[~listing["path"].isin(set(saved["path"]))]
             if len(gone):
-                log.warning("split file %s: %d listed images are not on disk, e.g. %s", self.split_file, len(gone),
-                            list(gone["path"][:3]))
+                log.warning(
+                    "split file %s: %d listed images are not on disk, e.g. %s",
+                    self.split_file,
+                    len(gone),
+                    list(gone["path"][:3]),
+                )
             if len(new):
-                log.warning("split file %s: %d images on disk are not in it and are left out (delete the file to "
-                            "re-split), e.g. %s", self.split_file, len(new), list(new["path"][:3]))
+                log.warning(
+                    "split file %s: %d images on disk are not in it and are left out (delete the file to "
+                    "re-split), e.g. %s",
+                    self.split_file,
+                    len(new),
+                    list(new["path"][:3]),
+                )
             return listing.merge(saved[["path", "split"]], on="path", how="inner")
         split = stratified_split(listing["class"], self.val_fraction, self.test_fraction, self.seed)
         listing = listing.assign(split=split)

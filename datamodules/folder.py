@@ -125,5 +125,9 @@ def collate_readable(samples: Sequence[dict]) -> dict:
     else:
         size = samples[0]["image_size"] if samples else 0
         image = torch.empty(0, 1, size, size)
-    return {"image": image, "id": [s["id"] for s in readable], "path": [s["path"] for s in readable],
-            "skipped": skipped}
+    return {
+        "image": image,
+        "id": [s["id"] for s in readable],
+        "path": [s["path"] for s in readable],
+        "skipped": skipped,
+    }

@@ -233,7 +233,9 @@ class XRayDataset(Dataset):
                 self.bad_files[self.ids[i]] = err.reason
                 log.warning(
                     "unreadable image %s (%s): serving the next sample instead (%d unreadable in this process)",
-                    err.path, err.reason, len(self.bad_files),
+                    err.path,
+                    err.reason,
+                    len(self.bad_files),
                 )
                 failures += 1
                 if failures == _MAX_CONSECUTIVE_BAD_READS:

@@ -362,8 +362,9 @@ def _effusion(rng: np.random.Generator, f: Finding, s: Scene) -> tuple[np.ndarra
 DRAW = {"nodule": _nodule, "ground_glass": _ground_glass, "consolidation": _consolidation, "effusion": _effusion}
 
 
-def render_findings(rng: np.random.Generator, findings: tuple[Finding, ...],
-                    scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+def render_findings(
+    rng: np.random.Generator, findings: tuple[Finding, ...], scene: Scene
+) -> tuple[np.ndarray, np.ndarray]:
     """Added density (H, W), zero outside the lesions and at least FLOOR inside, and one mask per finding (n, H, W)."""
     delta = np.zeros_like(scene.X)
     masks = np.zeros((len(findings), *scene.X.shape), bool)

@@ -12,9 +12,9 @@ embeddings can be cached per prompt.
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence, Union
 
 import numpy as np
 import yaml
@@ -23,7 +23,7 @@ PROMPT_DIR = Path(__file__).resolve().parents[1] / "configs" / "prompts"
 SEPARATOR = "; "  # joins the phrases of a multi-finding report
 
 #: a finding to phrase: its name, or (name, side, zone) with None where unknown
-FindingLike = Union[str, Sequence[Union[str, None]]]
+FindingLike = str | Sequence[str | None]
 
 
 def placeholders(text: str) -> set[str]:
@@ -57,7 +57,7 @@ class PromptBank:
     findings: Mapping[str, tuple[str, ...]]
 
     @classmethod
-    def load(cls, name: str | Path) -> "PromptBank":
+    def load(cls, name: str | Path) -> PromptBank:
         """A bank by name (``configs/prompts/<name>.yaml``) or by path."""
         path = Path(name)
         if path.suffix not in (".yaml", ".yml"):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -29,11 +29,19 @@ SPLITS = ("train", "val", "test")
 COVID_CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 #: class of an abnormal phantom, by its first finding: ground glass is the hallmark of COVID-19 pneumonia, lobar
 #: consolidation stands for pneumonia, and nodules and effusions are the non-specific "lung opacity" class
-CLASS_OF_FINDING = {"ground_glass": "COVID", "consolidation": "Viral Pneumonia",
-                    "nodule": "Lung_Opacity", "effusion": "Lung_Opacity"}
+CLASS_OF_FINDING = {
+    "ground_glass": "COVID",
+    "consolidation": "Viral Pneumonia",
+    "nodule": "Lung_Opacity",
+    "effusion": "Lung_Opacity",
+}
 #: where the training sample grids ask for each finding
-SAMPLE_LOCATIONS = {"nodule": ("left", "middle"), "ground_glass": ("right", "lower"),
-                    "consolidation": ("left", "lower"), "effusion": ("right", "lower")}
+SAMPLE_LOCATIONS = {
+    "nodule": ("left", "middle"),
+    "ground_glass": ("right", "lower"),
+    "consolidation": ("left", "lower"),
+    "effusion": ("right", "lower"),
+}
 
 
 def covid_class(findings: Sequence[Finding]) -> str:
@@ -51,8 +59,17 @@ class SyntheticCXRDataset(Dataset):
     depends only on its index, and a run of many epochs would otherwise spend a fifth of its CPU time drawing the same
     images again (64 KB each at 64 px, 16x that at 256 px)."""
 
-    def __init__(self, split: str, length: int, bank: PromptBank, image_size: int = 64, seed: int = 0,
-                 p_healthy: float = 0.4, p_second: float = 0.25, cache: bool = False):
+    def __init__(
+        self,
+        split: str,
+        length: int,
+        bank: PromptBank,
+        image_size: int = 64,
+        seed: int = 0,
+        p_healthy: float = 0.4,
+        p_second: float = 0.25,
+        cache: bool = False,
+    ):
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
         self.split, self.length, self.bank, self.image_size = split, length, bank, image_size
@@ -116,10 +133,21 @@ class SyntheticCXRDataModule(CXRDataModule):
 
     finding_names = FINDINGS
 
-    def __init__(self, image_size: int = 64, num_train: int = 4000, num_val: int = 256, num_test: int = 256,
-                 seed: int = 0, p_healthy: float = 0.4, p_second: float = 0.25, prompt_bank: str = "synthetic",
-                 batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
-                 cache: bool = False):
+    def __init__(
+        self,
+        image_size: int = 64,
+        num_train: int = 4000,
+        num_val: int = 256,
+        num_test: int = 256,
+        seed: int = 0,
+        p_healthy: float = 0.4,
+        p_second: float = 0.25,
+        prompt_bank: str = "synthetic",
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        cache: bool = False,
+    ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
         self.image_size, self.seed = image_size, seed
@@ -130,9 +158,19 @@ class SyntheticCXRDataModule(CXRDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         for split, length in self.sizes.items():
-            self.datasets.setdefault(split, SyntheticCXRDataset(
-                split, length, self.bank, self.image_size, self.seed, self.p_healthy, self.p_second,
-                self.hparams.cache))
+            self.datasets.setdefault(
+                split,
+                SyntheticCXRDataset(
+                    split,
+                    length,
+                    self.bank,
+                    self.image_size,
+                    self.seed,
+                    self.p_healthy,
+                    self.p_second,
+                    self.hparams.cache,
+                ),
+            )
 
     def prompt_for(self, kind: str, side: str, zone: str, choice: int = 0) -> str:
         """The prompt asking for one finding at one place, with a fixed phrasing (zero-shot induction)."""
@@ -220,8 +258,9 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def save_contact_sheet(dataset: SyntheticCXRDataset, path: str | Path, indices: Iterable[int] = range(8),
-                       tile: int = 192, columns: int = 4) -> Path:
+def save_contact_sheet(
+    dataset: SyntheticCXRDataset, path: str | Path, indices: Iterable[int] = range(8), tile: int = 192, columns: int = 4
+) -> Path:
     """A PNG for humans: per phantom the film, the same with the lesion outlined in red, and its report."""
     font = ImageFont.load_default()
     cells = []

@@ -11,8 +11,13 @@ from omegaconf import OmegaConf
 from lightning_modules.image_callbacks import CounterfactualGridLogger, SampleGridLogger
 from lightning_modules.metric_callbacks import GenerationMetricsLogger, HParamsLogger
 from lightning_modules.runs.cli import load_config
-from lightning_modules.runs.training import (build_datamodule, build_latent_diffusion, build_trainer, fit,
-                                             seed_and_threads)
+from lightning_modules.runs.training import (
+    build_datamodule,
+    build_latent_diffusion,
+    build_trainer,
+    fit,
+    seed_and_threads,
+)
 
 
 def main(argv: list[str] | None = None):
@@ -20,12 +25,15 @@ def main(argv: list[str] | None = None):
     seed_and_threads(cfg)
     datamodule = build_datamodule(cfg)
     module = build_latent_diffusion(cfg, datamodule)
-    trainer = build_trainer(cfg, [
-        SampleGridLogger(**cfg.callbacks.samples),
-        CounterfactualGridLogger(**OmegaConf.to_container(cfg.callbacks.counterfactuals, resolve=True)),
-        GenerationMetricsLogger(**OmegaConf.to_container(cfg.callbacks.generation_metrics, resolve=True)),
-        HParamsLogger(OmegaConf.to_container(cfg, resolve=True)),
-    ])
+    trainer = build_trainer(
+        cfg,
+        [
+            SampleGridLogger(**cfg.callbacks.samples),
+            CounterfactualGridLogger(**OmegaConf.to_container(cfg.callbacks.counterfactuals, resolve=True)),
+            GenerationMetricsLogger(**OmegaConf.to_container(cfg.callbacks.generation_metrics, resolve=True)),
+            HParamsLogger(OmegaConf.to_container(cfg, resolve=True)),
+        ],
+    )
     fit(cfg, trainer, module, datamodule)
     return trainer
 

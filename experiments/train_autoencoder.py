@@ -1,6 +1,6 @@
 """Stage 1: train the autoencoder, then export it (diffusers format, latent scaling factor set) for stage 2.
 
-    python experiments/train_autoencoder.py [experiment=smoke] [trainer.max_steps=2000] [key=value ...]
+python experiments/train_autoencoder.py [experiment=smoke] [trainer.max_steps=2000] [key=value ...]
 """
 
 from __future__ import annotations
@@ -9,18 +9,19 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lightning_modules.runs.cli import load_config, log
-from lightning_modules.runs.training import build_datamodule, build_trainer, fit, seed_and_threads
 from lightning_modules.autoencoder import AutoencoderModule
 from lightning_modules.image_callbacks import ReconstructionLogger
+from lightning_modules.runs.cli import load_config, log
+from lightning_modules.runs.training import build_datamodule, build_trainer, fit, seed_and_threads
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     cfg = load_config("train_autoencoder", argv)
     seed_and_threads(cfg)
     datamodule = build_datamodule(cfg)
-    module = AutoencoderModule(**OmegaConf.to_container(cfg.model.autoencoder, resolve=True),
-                               total_steps=cfg.trainer.max_steps)
+    module = AutoencoderModule(
+        **OmegaConf.to_container(cfg.model.autoencoder, resolve=True), total_steps=cfg.trainer.max_steps
+    )
     trainer = build_trainer(cfg, [ReconstructionLogger(**cfg.callbacks.reconstructions)])
     fit(cfg, trainer, module, datamodule)
     if not trainer.is_global_zero:

@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
     induction.write_outputs(out, inputs, inductions)
     summary = induction.summarize(inductions)
     metrics = {
-        **summary, "prompt": request.prompt, "region": asdict(request.region),
-        "settings": request.settings.asdict(), "seconds": round(elapsed, 1),
+        **summary,
+        "prompt": request.prompt,
+        "region": asdict(request.region),
+        "settings": request.settings.asdict(),
+        "seconds": round(elapsed, 1),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "per_sample": [{"id": inputs.ids[d.index], "seed": d.seed, **d.scores} for d in inductions],
     }

@@ -13,8 +13,9 @@ def signed_map(images: torch.Tensor, counterfactuals: torch.Tensor) -> torch.Ten
     return images - counterfactuals
 
 
-def attribution_map(signed: torch.Tensor, kind: str = "absolute", sigma: float = 0.0,
-                    normalize: bool = False) -> torch.Tensor:
+def attribution_map(
+    signed: torch.Tensor, kind: str = "absolute", sigma: float = 0.0, normalize: bool = False
+) -> torch.Tensor:
     """(B, 1, H, W) signed map -> the map for display or scoring: |M| or M+, smoothed, optionally scaled to [0, 1].
 
     ``positive`` suits findings that add density (opacities, effusions); ``absolute`` also catches removed density.

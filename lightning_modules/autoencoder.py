@@ -15,8 +15,14 @@ from lightning_modules.optim import adamw_with_warmup, grad_scaled
 class AutoencoderModule(L.LightningModule):
     """Reconstruction (L1 + MSE) plus ``kl_weight`` x KL, the KL weighted per pixel as LDM weighs it."""
 
-    def __init__(self, network: dict, kl_weight: float = 1e-6, optimizer: dict | None = None,
-                 scaling_images: int = 2048, total_steps: int | None = None):
+    def __init__(
+        self,
+        network: dict,
+        kl_weight: float = 1e-6,
+        optimizer: dict | None = None,
+        scaling_images: int = 2048,
+        total_steps: int | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.vae = AutoencoderKL(**network)
@@ -33,9 +39,14 @@ class AutoencoderModule(L.LightningModule):
         kl_loss = kl.mean() / images[0].numel()
         loss = rec_loss + self.hparams.kl_weight * kl_loss
         on_step = stage == "train"
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/rec_loss": rec_loss, f"{stage}/kl": kl_loss},
-                      on_step=on_step, on_epoch=not on_step, prog_bar=on_step, sync_dist=not on_step,
-                      batch_size=images.shape[0])
+        self.log_dict(
+            {f"{stage}/loss": loss, f"{stage}/rec_loss": rec_loss, f"{stage}/kl": kl_loss},
+            on_step=on_step,
+            on_epoch=not on_step,
+            prog_bar=on_step,
+            sync_dist=not on_step,
+            batch_size=images.shape[0],
+        )
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -49,8 +60,12 @@ class AutoencoderModule(L.LightningModule):
         return self(images, sample=False)[0].clamp(-1, 1)
 
     def configure_optimizers(self):
-        return adamw_with_warmup(self.vae.parameters(), total_steps=self.hparams.total_steps,
-                                 grad_scaled=grad_scaled(self), **(self.hparams.optimizer or {"lr": 1e-3}))
+        return adamw_with_warmup(
+            self.vae.parameters(),
+            total_steps=self.hparams.total_steps,
+            grad_scaled=grad_scaled(self),
+            **(self.hparams.optimizer or {"lr": 1e-3}),
+        )
 
     @torch.no_grad()
     def latent_scaling_factor(self, loader) -> float:
@@ -63,7 +78,7 @@ class AutoencoderModule(L.LightningModule):
             z = self.vae.encode(batch["image"].to(self.device)).latent_dist.sample().double()
             count, total, total_sq = count + z.numel(), total + z.sum().item(), total_sq + z.square().sum().item()
         variance = total_sq / count - (total / count) ** 2
-        return float(variance ** -0.5)
+        return float(variance**-0.5)
 
     def export(self, directory: str | Path, scaling_factor: float) -> Path:
         """Write a diffusers ``AutoencoderKL`` directory (safetensors) that stage 2 loads like any pretrained VAE."""

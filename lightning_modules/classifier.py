@@ -8,7 +8,8 @@ against, and the pooled features of a domain FID. Outputs are the K findings of 
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import lightning as L
 import torch
@@ -34,17 +35,28 @@ def build_network(num_classes: int, arch: str = "regnet", **kwargs) -> nn.Module
     if arch == "regnet":
         depths, widths = kwargs.pop("depths"), kwargs.pop("widths")
         group_width = kwargs.pop("group_width", 8)
-        params = BlockParams(depths, widths, group_widths=[min(group_width, w) for w in widths],
-                             bottleneck_multipliers=[1.0] * len(depths), strides=kwargs.pop("strides", [2] * len(depths)))
+        params = BlockParams(
+            depths,
+            widths,
+            group_widths=[min(group_width, w) for w in widths],
+            bottleneck_multipliers=[1.0] * len(depths),
+            strides=kwargs.pop("strides", [2] * len(depths)),
+        )
         network = RegNet(params, num_classes=num_classes, **kwargs)
     else:
         network = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     if not isinstance(getattr(network, "avgpool", None), nn.Module):
-        raise ValueError(f"classifier network '{arch}' has no `avgpool` module; Grad-CAM and features need one "
-                         "(resnet*, regnet*, mobilenet_v3*, efficientnet*, convnext*)")
+        raise ValueError(
+            f"classifier network '{arch}' has no `avgpool` module; Grad-CAM and features need one "
+            "(resnet*, regnet*, mobilenet_v3*, efficientnet*, convnext*)"
+        )
     name, conv = next((n, m) for n, m in network.named_modules() if isinstance(m, nn.Conv2d))
-    network.set_submodule(name, nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                                          conv.dilation, bias=conv.bias is not None))
+    network.set_submodule(
+        name,
+        nn.Conv2d(
+            1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None
+        ),
+    )
     return network
 
 
@@ -59,18 +71,23 @@ def abnormal_target(labels: torch.Tensor, label_mask: torch.Tensor | None) -> tu
 class FindingClassifier(L.LightningModule):
     """Multi-label BCE over ``finding_names`` + "abnormal"; entries with ``label_mask`` 0 are left out of the loss."""
 
-    def __init__(self, finding_names: Sequence[str], network: dict, optimizer: dict | None = None,
-                 total_steps: int | None = None):
+    def __init__(
+        self, finding_names: Sequence[str], network: dict, optimizer: dict | None = None, total_steps: int | None = None
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.output_names = (*finding_names, ABNORMAL)
         self.network = build_network(len(self.output_names), **network)
         # per-output AUROC, accumulated over the epoch; torchmetrics syncs the states across DDP processes
-        self.auroc = nn.ModuleDict({f"{stage}_auroc": MultilabelAUROC(len(self.output_names), average=None,
-                                                                      ignore_index=-1) for stage in ("train", "val")})
+        self.auroc = nn.ModuleDict(
+            {
+                f"{stage}_auroc": MultilabelAUROC(len(self.output_names), average=None, ignore_index=-1)
+                for stage in ("train", "val")
+            }
+        )
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> "FindingClassifier":
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> FindingClassifier:
         """Rebuild from a Lightning checkpoint with ``weights_only=True`` loading (no pickled code is executed)."""
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         module = cls(**checkpoint["hyper_parameters"])
@@ -106,8 +123,12 @@ class FindingClassifier(L.LightningModule):
             handle.remove()
         return pooled["z"].flatten(1)
 
-    def saliency(self, images: torch.Tensor, target: int | None = None,
-                 method: Literal["gradcam", "gradient_x_input"] = "gradcam") -> torch.Tensor:
+    def saliency(
+        self,
+        images: torch.Tensor,
+        target: int | None = None,
+        method: Literal["gradcam", "gradient_x_input"] = "gradcam",
+    ) -> torch.Tensor:
         """(B, 1, H, W) non-negative map of the evidence for output ``target`` (default: "abnormal").
 
         ``gradcam``: ReLU of the channel-weighted last feature maps (weights: spatially averaged gradients),
@@ -142,12 +163,20 @@ class FindingClassifier(L.LightningModule):
         targets = torch.cat([labels, abnormal[:, None]], 1)  # (B, K + 1)
         known = torch.cat([torch.ones_like(labels) if label_mask is None else label_mask, abnormal_known[:, None]], 1)
         logits = self(batch["image"])
-        loss = (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * known).sum() \
-            / known.sum().clamp_min(1.0)
+        loss = (
+            F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * known
+        ).sum() / known.sum().clamp_min(1.0)
         self.auroc[f"{stage}_auroc"].update(logits.detach().sigmoid(), torch.where(known > 0, targets, -1).long())
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=on_step,
-                 sync_dist=not on_step, batch_size=labels.shape[0])
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=not on_step,
+            prog_bar=on_step,
+            sync_dist=not on_step,
+            batch_size=labels.shape[0],
+        )
         return loss
 
     def _log_auroc(self, stage: str) -> None:
@@ -170,5 +199,9 @@ class FindingClassifier(L.LightningModule):
         self._log_auroc("val")
 
     def configure_optimizers(self):
-        return adamw_with_warmup(self.network.parameters(), total_steps=self.hparams.total_steps,
-                                 grad_scaled=grad_scaled(self), **(self.hparams.optimizer or {"lr": 1e-3}))
+        return adamw_with_warmup(
+            self.network.parameters(),
+            total_steps=self.hparams.total_steps,
+            grad_scaled=grad_scaled(self),
+            **(self.hparams.optimizer or {"lr": 1e-3}),
+        )

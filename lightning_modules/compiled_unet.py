@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -18,9 +18,16 @@ class CompileFriendlyAttnProcessor:
     def __init__(self):
         self.eager, self.traced = AttnProcessor2_0(), AttnProcessor()
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args,
-                 **kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
         processor = self.traced if torch.compiler.is_compiling() else self.eager
         return processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 

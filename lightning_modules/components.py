@@ -31,8 +31,9 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def build_components(vae: dict, unet: dict, prompt_encoder: dict, noise_scheduler: dict, image_size: int = 64,
-                     **_: Any) -> Components:
+def build_components(
+    vae: dict, unet: dict, prompt_encoder: dict, noise_scheduler: dict, image_size: int = 64, **_: Any
+) -> Components:
     """Frozen VAE and prompt encoder from disk, a fresh UNet sized to them, the training noise scheduler.
 
     Takes a checkpoint's ``hyper_parameters`` as keyword arguments; the keys that configure training only are ignored.

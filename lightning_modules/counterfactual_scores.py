@@ -16,9 +16,15 @@ class CounterfactualScores:
     def __init__(self):
         self.validity, self.minimality, self.twin_distance = MeanMetric(), MeanMetric(), MeanMetric()
 
-    def update(self, images01: torch.Tensor, counterfactuals01: torch.Tensor, abnormal: torch.Tensor,
-               p_abnormal: torch.Tensor | None = None, healthy01: torch.Tensor | None = None,
-               threshold: float = 0.5) -> None:
+    def update(
+        self,
+        images01: torch.Tensor,
+        counterfactuals01: torch.Tensor,
+        abnormal: torch.Tensor,
+        p_abnormal: torch.Tensor | None = None,
+        healthy01: torch.Tensor | None = None,
+        threshold: float = 0.5,
+    ) -> None:
         """Images in [0, 1] (B, 1, H, W); ``abnormal`` (B,) bool; ``p_abnormal`` the classifier on the
         counterfactuals (B,); ``healthy01`` the true healthy twins when known."""
         abnormal = abnormal.bool().cpu()
@@ -34,6 +40,12 @@ class CounterfactualScores:
 
     def compute(self) -> dict[str, float]:
         """The scores that received data (a MeanMetric that saw nothing is left out, never reported as 0)."""
-        return {name: float(metric.compute()) for name, metric in
-                (("validity", self.validity), ("minimality", self.minimality), ("twin_distance", self.twin_distance))
-                if metric.update_count}
+        return {
+            name: float(metric.compute())
+            for name, metric in (
+                ("validity", self.validity),
+                ("minimality", self.minimality),
+                ("twin_distance", self.twin_distance),
+            )
+            if metric.update_count
+        }

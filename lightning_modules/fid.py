@@ -32,7 +32,8 @@ def find_inception_weights(path: str | None = None) -> Path:
             f"Inception FID needs torch-fidelity's weights file and nothing is downloaded: no file at {candidate}. "
             f"Put {INCEPTION_WEIGHTS} (from https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
             f"{INCEPTION_WEIGHTS}) in {inception_weights_dir()} (or set TORCH_HOME), or pass its path "
-            "(fid.inception_weights=...); or use fid_domain, which needs no download")
+            "(fid.inception_weights=...); or use fid_domain, which needs no download"
+        )
     return candidate
 
 
@@ -50,8 +51,9 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         path = find_inception_weights(weights_path)
         torch.load(path, map_location="cpu", weights_only=True)
-        self.inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
-                                            feature_extractor_weights_path=str(path))
+        self.inception = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=[str(self.num_features)], feature_extractor_weights_path=str(path)
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         rgb = to_unit_range(images).expand(-1, 3, -1, -1)  # (B, 3, H, W) in [0, 1]
@@ -74,8 +76,9 @@ class DomainFeatures(nn.Module):
         return self.classifier.features(images)
 
 
-def build_extractors(inception: bool | str = "auto", inception_weights: str | None = None,
-                     classifier_checkpoint: str | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def build_extractors(
+    inception: bool | str = "auto", inception_weights: str | None = None, classifier_checkpoint: str | None = None
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The FID extractors to use, by metric name, and why each other one was left out.
 
     ``inception``: ``True`` requires the weights (a clear error names where they go), ``"auto"`` uses them when
@@ -96,11 +99,14 @@ def build_extractors(inception: bool | str = "auto", inception_weights: str | No
     if classifier_checkpoint and Path(classifier_checkpoint).is_file():
         from lightning_modules.classifier import FindingClassifier
 
-        extractors["fid_domain"] = DomainFeatures(FindingClassifier.from_checkpoint(classifier_checkpoint),
-                                                  f"finding classifier {classifier_checkpoint}, penultimate layer")
+        extractors["fid_domain"] = DomainFeatures(
+            FindingClassifier.from_checkpoint(classifier_checkpoint),
+            f"finding classifier {classifier_checkpoint}, penultimate layer",
+        )
     else:
-        skipped["fid_domain"] = (f"no classifier checkpoint at {classifier_checkpoint} "
-                                 "(train one with `make train-classifier`)")
+        skipped["fid_domain"] = (
+            f"no classifier checkpoint at {classifier_checkpoint} (train one with `make train-classifier`)"
+        )
     return extractors, skipped
 
 
@@ -116,8 +122,10 @@ class _Features(nn.Identity):
 def num_features(extractor: nn.Module, image_size: int) -> int:
     """F of an extractor: its ``num_features``, else the width of its output on one blank image."""
     device = next(extractor.parameters(), torch.empty(0)).device
-    return getattr(extractor, "num_features", None) or \
-        extractor(torch.zeros(1, 1, image_size, image_size, device=device)).shape[-1]
+    return (
+        getattr(extractor, "num_features", None)
+        or extractor(torch.zeros(1, 1, image_size, image_size, device=device)).shape[-1]
+    )
 
 
 def fid_metric(num_features: int) -> FrechetInceptionDistance:

@@ -11,14 +11,16 @@ Every number is a torchmetrics state (sums and counts), so under DDP each rank u
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
-from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
-                                           structural_similarity_index_measure)
+from torchmetrics.functional.image import (
+    multiscale_structural_similarity_index_measure,
+    structural_similarity_index_measure,
+)
 
 from datamodules.base import to_unit_range
 from lightning_modules.fid import fid_metric, num_features
@@ -43,8 +45,11 @@ class MSSSIMSetting:
 
 def _fits(image_size: int, scales: int, kernel_size: int) -> bool:
     """torchmetrics' own size check, and the window must fit the coarsest scale."""
-    return (image_size >= 2 ** scales and image_size // max(1, scales - 1) ** 2 > kernel_size - 1
-            and image_size >> (scales - 1) >= kernel_size)
+    return (
+        image_size >= 2**scales
+        and image_size // max(1, scales - 1) ** 2 > kernel_size - 1
+        and image_size >> (scales - 1) >= kernel_size
+    )
 
 
 def ms_ssim_setting(image_size: int) -> MSSSIMSetting:
@@ -58,8 +63,7 @@ def ms_ssim_setting(image_size: int) -> MSSSIMSetting:
             if _fits(image_size, scales, kernel_size):
                 kept = WANG_BETAS[:scales]
                 # sigma scaled with the window: torchmetrics sizes its Gaussian from sigma, int(3.5 sigma + 0.5) * 2 + 1
-                return MSSSIMSetting(scales, kernel_size, 1.5 * kernel_size / 11,
-                                     tuple(b / sum(kept) for b in kept))
+                return MSSSIMSetting(scales, kernel_size, 1.5 * kernel_size / 11, tuple(b / sum(kept) for b in kept))
     raise ValueError(f"images of {image_size} px are too small for MS-SSIM (2 scales of a 3-px window need 6 px)")
 
 
@@ -86,22 +90,33 @@ class GenerationMetrics(nn.Module):
         self.ms_ssim = ms_ssim_setting(image_size)
         dims = {name: num_features(extractor, image_size) for name, extractor in self.extractors.items()}
         # images per group: of the real ones (the table's n) and of each pair (whether its metrics can be computed)
-        self.counts = nn.ModuleDict({group: nn.ModuleDict({role: SumMetric() for role in ("real", *self.pairs)})
-                                     for group in self.groups})
-        self.metrics = nn.ModuleDict({
-            group: nn.ModuleDict({
-                pair: nn.ModuleDict({
-                    "ssim": MeanMetric(),  # of the per-image values: each image's SSIM is computed once
-                    "ms_ssim": MeanMetric(),
-                    **{name: fid_metric(dim) for name, dim in dims.items()},
-                }) for pair in self.pairs
-            }) for group in self.groups
-        })
+        self.counts = nn.ModuleDict(
+            {group: nn.ModuleDict({role: SumMetric() for role in ("real", *self.pairs)}) for group in self.groups}
+        )
+        self.metrics = nn.ModuleDict(
+            {
+                group: nn.ModuleDict(
+                    {
+                        pair: nn.ModuleDict(
+                            {
+                                "ssim": MeanMetric(),  # of the per-image values: each image's SSIM is computed once
+                                "ms_ssim": MeanMetric(),
+                                **{name: fid_metric(dim) for name, dim in dims.items()},
+                            }
+                        )
+                        for pair in self.pairs
+                    }
+                )
+                for group in self.groups
+            }
+        )
 
     def settings(self) -> dict:
         """What the numbers depend on, for the table and metrics.json."""
-        return {"ms_ssim": asdict(self.ms_ssim),
-                "fid_extractors": {name: e.description for name, e in self.extractors.items()}}
+        return {
+            "ms_ssim": asdict(self.ms_ssim),
+            "fid_extractors": {name: e.description for name, e in self.extractors.items()},
+        }
 
     @torch.no_grad()
     def update(self, real: torch.Tensor, groups: Sequence[Sequence[str]], **candidates: torch.Tensor) -> None:
@@ -109,8 +124,10 @@ class GenerationMetrics(nn.Module):
         if unknown:
             raise ValueError(f"unknown pairs {unknown}; valid: {', '.join(self.pairs)}")
         images = {"real": real, **candidates}
-        features = {name: {role: extractor(x) for role, x in images.items()}  # (B, F) per image set
-                    for name, extractor in self.extractors.items()}
+        features = {
+            name: {role: extractor(x) for role, x in images.items()}  # (B, F) per image set
+            for name, extractor in self.extractors.items()
+        }
         similarity = {pair: self.similarity(candidate, real) for pair, candidate in candidates.items()}
         for group in self.groups:
             index = [i for i, g in enumerate(groups) if group == OVERALL or group in g]
@@ -130,10 +147,12 @@ class GenerationMetrics(nn.Module):
         """(B,) SSIM and MS-SSIM of each pair, in [0, 1] image units (torchmetrics' functional forms)."""
         x, y = to_unit_range(candidate), to_unit_range(real)
         ms = self.ms_ssim
-        return {"ssim": structural_similarity_index_measure(x, y, data_range=1.0, reduction="none"),
-                "ms_ssim": multiscale_structural_similarity_index_measure(
-                    x, y, data_range=1.0, kernel_size=ms.kernel_size, sigma=ms.sigma, betas=ms.betas,
-                    reduction="none")}
+        return {
+            "ssim": structural_similarity_index_measure(x, y, data_range=1.0, reduction="none"),
+            "ms_ssim": multiscale_structural_similarity_index_measure(
+                x, y, data_range=1.0, kernel_size=ms.kernel_size, sigma=ms.sigma, betas=ms.betas, reduction="none"
+            ),
+        }
 
     def compute(self) -> dict[str, dict]:
         """Every rank calls this (the states are reduced across ranks); all get the same numbers."""
@@ -161,20 +180,32 @@ class GenerationMetrics(nn.Module):
 
 def flatten(results: Mapping[str, dict], group: str = OVERALL) -> dict[str, float]:
     """``{"generated/ssim": 0.8, ...}`` of one group, leaving out what could not be computed (for loggers)."""
-    return {f"{pair}/{name}": value for pair, values in results[group].items() if pair != "n"
-            for name, value in values.items() if value is not None}
+    return {
+        f"{pair}/{name}": value
+        for pair, values in results[group].items()
+        if pair != "n"
+        for name, value in values.items()
+        if value is not None
+    }
 
 
 @torch.no_grad()
-def evaluation_images(pipeline, batch: Mapping, generation: SamplingSettings, counterfactual: CounterfactualSettings,
-                      seed: int = 0, target_prompt: str | None = None) -> dict[str, torch.Tensor]:
+def evaluation_images(
+    pipeline,
+    batch: Mapping,
+    generation: SamplingSettings,
+    counterfactual: CounterfactualSettings,
+    seed: int = 0,
+    target_prompt: str | None = None,
+) -> dict[str, torch.Tensor]:
     """A batch -> ``{"generated": ..., "counterfactual": ...}`` (B, 1, H, W) in [-1, 1], each image from its own seed.
 
     Generated images are prompted with each real image's own prompt; counterfactuals target ``target_prompt``
     (the pipeline's normal prompt by default).
     """
     images, ids = batch["image"], list(batch["id"])
-    generated = pipeline.generate(list(batch["prompt"]), images.shape[-2], images.shape[-1], generation,
-                                  image_generators(ids, seed))
+    generated = pipeline.generate(
+        list(batch["prompt"]), images.shape[-2], images.shape[-1], generation, image_generators(ids, seed)
+    )
     counterfactuals = pipeline(images, counterfactual, target_prompt, image_generators(ids, seed)).images
     return {"generated": generated, "counterfactual": counterfactuals}

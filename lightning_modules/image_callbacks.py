@@ -69,8 +69,9 @@ class SampleGridLogger(L.Callback):
         size = trainer.datamodule.image_size
         with pl_module.sampling_pipeline() as pipeline:
             images = pipeline.generate(prompts, size, size, generator=torch.Generator("cpu").manual_seed(self.seed))
-        writer.add_image("samples/prompt_rows", make_grid(to_unit_range(images), nrow=self.samples_per_prompt),
-                         trainer.global_step)
+        writer.add_image(
+            "samples/prompt_rows", make_grid(to_unit_range(images), nrow=self.samples_per_prompt), trainer.global_step
+        )
         writer.add_text("samples/prompts", "\n\n".join(trainer.datamodule.sample_prompts()), trainer.global_step)
         self.logged_step = trainer.global_step
 
@@ -103,8 +104,15 @@ class CounterfactualGridLogger(EveryNValidations):
     Each image has its own seed.
     """
 
-    def __init__(self, every_n_validations: int = 1, num_images: int = 8, method: str = "sdedit",
-                 attribution_sigma: float = 1.0, seed: int = 0, **settings):
+    def __init__(
+        self,
+        every_n_validations: int = 1,
+        num_images: int = 8,
+        method: str = "sdedit",
+        attribution_sigma: float = 1.0,
+        seed: int = 0,
+        **settings,
+    ):
         """``method`` and ``settings`` (steps, guidance, strength or depth; the model's defaults where not given)
         build the counterfactual settings, checked here, before training starts."""
         super().__init__(every_n_validations)
@@ -132,8 +140,12 @@ class CounterfactualGridLogger(EveryNValidations):
         # |x_a - x_n| in [0, 1] image units, one colour scale for the whole grid so rows compare
         heat = attribution_map(output.attribution, "absolute", self.attribution_sigma).cpu() / 2
         vmax = max(float(heat.max()), 1e-6)
-        overlays = torch.stack([torch.from_numpy(blend_heat(x[0].numpy(), h[0].numpy(), vmax)).permute(2, 0, 1)
-                                for x, h in zip(inputs, heat)]).float()  # (B, 3, H, W)
+        overlays = torch.stack(
+            [
+                torch.from_numpy(blend_heat(x[0].numpy(), h[0].numpy(), vmax)).permute(2, 0, 1)
+                for x, h in zip(inputs, heat)
+            ]
+        ).float()  # (B, 3, H, W)
         rows = [inputs, to_unit_range(output.images).cpu(), overlays]
         has_mask = batch["has_mask"].any() if "has_mask" in batch else batch["mask"].any()
         if has_mask:
@@ -142,5 +154,8 @@ class CounterfactualGridLogger(EveryNValidations):
         grid = make_grid(torch.cat(rows), nrow=images.shape[0], pad_value=1.0)
         names = "input | counterfactual | attribution" + (" | lesion mask" if has_mask else "")
         writer.add_image("counterfactuals/rows", grid, trainer.global_step)
-        writer.add_text("counterfactuals/settings", f"rows: {names} (attribution colour scale 0 to {vmax:.3f}); "
-                        f"{settings}", trainer.global_step)
+        writer.add_text(
+            "counterfactuals/settings",
+            f"rows: {names} (attribution colour scale 0 to {vmax:.3f}); {settings}",
+            trainer.global_step,
+        )

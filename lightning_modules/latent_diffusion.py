@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import zlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
@@ -36,14 +36,26 @@ class LatentDiffusionModule(L.LightningModule):
     ``prompt_encoder.name_or_path`` (kept in the hyper-parameters), so they are never duplicated per checkpoint.
     """
 
-    def __init__(self, vae: dict, unet: dict, prompt_encoder: dict, noise_scheduler: dict, p_uncond: float = 0.15,
-                 ema: dict | None = None, optimizer: dict | None = None, cache_latents: bool = True,
-                 image_size: int = 64, total_steps: int | None = None, sampling: dict | None = None,
-                 compile: bool = False):
+    def __init__(
+        self,
+        vae: dict,
+        unet: dict,
+        prompt_encoder: dict,
+        noise_scheduler: dict,
+        p_uncond: float = 0.15,
+        ema: dict | None = None,
+        optimizer: dict | None = None,
+        cache_latents: bool = True,
+        image_size: int = 64,
+        total_steps: int | None = None,
+        sampling: dict | None = None,
+        compile: bool = False,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.vae, self.prompt_encoder, self.unet, self.noise_scheduler = build_components(
-            vae, unet, prompt_encoder, noise_scheduler, image_size)
+            vae, unet, prompt_encoder, noise_scheduler, image_size
+        )
         self.ema = EMAModel(self.unet.parameters(), **ema) if ema else None
         self.strict_loading = False  # frozen weights are not in our checkpoints
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -58,7 +70,7 @@ class LatentDiffusionModule(L.LightningModule):
     def vae_scale_factor(self) -> int:
         return vae_scale_factor(self.vae)
 
-    def train(self, mode: bool = True) -> "LatentDiffusionModule":
+    def train(self, mode: bool = True) -> LatentDiffusionModule:
         super().train(mode)
         self.vae.eval()
         return self
@@ -91,14 +103,26 @@ class LatentDiffusionModule(L.LightningModule):
         embeddings = self.prompt_encoder(prompts)  # (B, L, D)
 
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator, device=self.device)
+        timesteps = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (latents.shape[0],),
+            generator=generator,
+            device=self.device,
+        )
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)  # q_sample
         unet = self.training_unet if training else self.unet
         prediction = unet(noisy_latents, timesteps, encoder_hidden_states=embeddings).sample
         loss = F.mse_loss(prediction, self.target(latents, noise, timesteps))
-        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True,
-                 sync_dist=not training, batch_size=latents.shape[0])
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=training,
+            on_epoch=not training,
+            prog_bar=True,
+            sync_dist=not training,
+            batch_size=latents.shape[0],
+        )
         return loss
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -120,8 +144,12 @@ class LatentDiffusionModule(L.LightningModule):
 
     # ---- optimisation and EMA -------------------------------------------------------------------------------
     def configure_optimizers(self):
-        return adamw_with_warmup(self.unet.parameters(), total_steps=self.hparams.total_steps,
-                                 grad_scaled=grad_scaled(self), **(self.hparams.optimizer or {"lr": 1e-4}))
+        return adamw_with_warmup(
+            self.unet.parameters(),
+            total_steps=self.hparams.total_steps,
+            grad_scaled=grad_scaled(self),
+            **(self.hparams.optimizer or {"lr": 1e-4}),
+        )
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
@@ -153,8 +181,9 @@ class LatentDiffusionModule(L.LightningModule):
         self.eval()
         try:
             with self.ema_weights():
-                yield LatentDiffusionPipeline.from_parts(self.vae, self.unet, self.noise_scheduler,
-                                                         self.prompt_encoder, self.hparams.sampling, compile)
+                yield LatentDiffusionPipeline.from_parts(
+                    self.vae, self.unet, self.noise_scheduler, self.prompt_encoder, self.hparams.sampling, compile
+                )
         finally:
             self.train(was_training)
 

@@ -29,11 +29,13 @@ IGNORE = -1
 def pixel_metrics(thresholds: int | None = None) -> MetricCollection:
     """AUPRC, AUROC and the precision-recall curve (for Dice) over pixels; ``IGNORE`` targets are left out."""
     common = dict(thresholds=thresholds, ignore_index=IGNORE)
-    return MetricCollection({
-        "auprc": BinaryAveragePrecision(**common),
-        "auroc": BinaryAUROC(**common),
-        "curve": BinaryPrecisionRecallCurve(**common),
-    })
+    return MetricCollection(
+        {
+            "auprc": BinaryAveragePrecision(**common),
+            "auroc": BinaryAUROC(**common),
+            "curve": BinaryPrecisionRecallCurve(**common),
+        }
+    )
 
 
 def best_dice(precision: torch.Tensor, recall: torch.Tensor, thresholds: torch.Tensor) -> tuple[float, float]:
@@ -53,8 +55,14 @@ class LocalizationScores:
         self.metrics = {m: {g: pixel_metrics(thresholds) for g in self.groups} for m in methods}
         self.images = {m: dict.fromkeys(self.groups, 0) for m in methods}
 
-    def update(self, method: str, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-               finding_masks: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        method: str,
+        maps: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        finding_masks: torch.Tensor | None = None,
+    ) -> None:
         """Add scored images only: ``maps`` (B, 1, H, W) in [0, 1], ``masks`` (B, 1, H, W) lesion masks,
         ``labels`` (B, K) findings present, ``finding_masks`` (B, K, H, W) one mask per type (None: only images
         with a single finding type count per type, their lesion mask being that type's)."""
@@ -87,8 +95,11 @@ class LocalizationScores:
                     continue
                 values = metrics.compute()
                 dice, threshold = best_dice(*values["curve"])
-                results[method][group] = {"auprc": float(values["auprc"]), "auroc": float(values["auroc"]),
-                                          "dice": dice, "threshold": threshold,
-                                          "images": self.images[method][group]}
+                results[method][group] = {
+                    "auprc": float(values["auprc"]),
+                    "auroc": float(values["auroc"]),
+                    "dice": dice,
+                    "threshold": threshold,
+                    "images": self.images[method][group],
+                }
         return results
-

@@ -7,7 +7,8 @@ shard of the validation images and reduced by torchmetrics, so a DDP run reports
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -23,16 +24,25 @@ from lightning_modules.settings import SamplingSettings, counterfactual_settings
 
 class GenerationMetricsLogger(EveryNValidations):
     """Every ``every_n_validations`` validations, FID / SSIM / MS-SSIM over ``num_images`` validation images spread
-    over the split (``lightning_modules.generation_metrics``), logged as ``generation/{generated,counterfactual}/{metric}``.
+    over the split (``lightning_modules.generation_metrics``), logged as
+    ``generation/{generated,counterfactual}/{metric}``.
 
     Every rank generates for its own shard (each image once, no padding repeats) and the metric states are reduced
     across ranks, so the logged value is the one of the whole set. FID extractors: see ``build_extractors``.
     """
 
-    def __init__(self, generation: Mapping[str, Any] | None = None, counterfactual: Mapping[str, Any] | None = None,
-                 every_n_validations: int = 2, num_images: int = 32, batch_size: int = 32, seed: int = 0,
-                 classifier_checkpoint: str | None = None, inception: bool | str = False,
-                 inception_weights: str | None = None):
+    def __init__(
+        self,
+        generation: Mapping[str, Any] | None = None,
+        counterfactual: Mapping[str, Any] | None = None,
+        every_n_validations: int = 2,
+        num_images: int = 32,
+        batch_size: int = 32,
+        seed: int = 0,
+        classifier_checkpoint: str | None = None,
+        inception: bool | str = False,
+        inception_weights: str | None = None,
+    ):
         """``generation``: sampling settings; ``counterfactual``: ``method`` and its settings. What is not given
         comes from the model's defaults; every value is checked here, before training starts."""
         super().__init__(every_n_validations)
@@ -40,8 +50,9 @@ class GenerationMetricsLogger(EveryNValidations):
         self.generation, self.counterfactual = dict(generation or {}), dict(counterfactual or {"method": "sdedit"})
         SamplingSettings.build(**self.generation)
         counterfactual_settings(**self.counterfactual)
-        self.fid = dict(inception=inception, inception_weights=inception_weights,
-                        classifier_checkpoint=classifier_checkpoint)
+        self.fid = dict(
+            inception=inception, inception_weights=inception_weights, classifier_checkpoint=classifier_checkpoint
+        )
         self.metrics: GenerationMetrics | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -56,8 +67,13 @@ class GenerationMetricsLogger(EveryNValidations):
         """This rank's shard of ``num_images`` validation images, each image on exactly one rank."""
         dataset = trainer.datamodule.dataset("val")
         subset = Subset(dataset, spread_indices(len(dataset), self.num_images))
-        sampler = UnrepeatedDistributedSampler(subset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                               shuffle=False) if trainer.world_size > 1 else None
+        sampler = (
+            UnrepeatedDistributedSampler(
+                subset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+            if trainer.world_size > 1
+            else None
+        )
         return DataLoader(subset, batch_size=self.batch_size, sampler=sampler)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -86,8 +102,11 @@ class HParamsLogger(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        final = {f"hparams/{key}": float(value) for key, value in trainer.callback_metrics.items()
-                 if key.startswith(self.prefixes)}
+        final = {
+            f"hparams/{key}": float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith(self.prefixes)
+        }
         if final:
             for logger in trainer.loggers:
                 logger.log_hyperparams(self.params, final, step=trainer.global_step)

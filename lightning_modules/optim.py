@@ -17,9 +17,16 @@ def grad_scaled(module: L.LightningModule) -> bool:
     return trainer is not None and trainer.precision == "16-mixed"
 
 
-def adamw_with_warmup(params, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
-                      schedule: str = "constant_with_warmup", total_steps: int | None = None,
-                      betas: tuple[float, float] = (0.9, 0.999), grad_scaled: bool = False) -> dict:
+def adamw_with_warmup(
+    params,
+    lr: float,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    schedule: str = "constant_with_warmup",
+    total_steps: int | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    grad_scaled: bool = False,
+) -> dict:
     params = list(params)
     fused = not grad_scaled and all(p.device.type in FUSED_DEVICES and p.dtype == torch.float32 for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=fused or None)

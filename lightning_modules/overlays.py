@@ -37,8 +37,9 @@ def _to_uint8(array01: np.ndarray) -> np.ndarray:
     return np.round(np.clip(array01, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def blend_heat(image01: np.ndarray, heat: np.ndarray, vmax: float, cmap: str = "inferno",
-               max_alpha: float = 0.85) -> np.ndarray:
+def blend_heat(
+    image01: np.ndarray, heat: np.ndarray, vmax: float, cmap: str = "inferno", max_alpha: float = 0.85
+) -> np.ndarray:
     """(H, W) grey image and map -> (H, W, 3) RGB in [0, 1]: the map's colour over the image, opacity rising with
     the value (0 transparent, ``vmax`` and above ``max_alpha``; square root so faint attributions still show)."""
     scaled = np.clip(heat / max(vmax, 1e-12), 0.0, 1.0)
@@ -71,9 +72,16 @@ def _fit(text: str, width: int, draw: ImageDraw.ImageDraw, font: ImageFont.Image
     return text + "..."
 
 
-def save_overlay(path: str | Path, image01: np.ndarray, heat: np.ndarray, counterfactual01: np.ndarray | None = None,
-                 title: str = "", label: str = "attribution", vmax: float | None = None,
-                 cmap: str = "inferno") -> Path:
+def save_overlay(
+    path: str | Path,
+    image01: np.ndarray,
+    heat: np.ndarray,
+    counterfactual01: np.ndarray | None = None,
+    title: str = "",
+    label: str = "attribution",
+    vmax: float | None = None,
+    cmap: str = "inferno",
+) -> Path:
     """A PNG panel: input | healthy counterfactual (if any) | map over the input, with a colour bar labelled ``label``.
 
     ``vmax`` fixes the top of the colour scale (comparable across images: a healthy input stays dark); ``None``

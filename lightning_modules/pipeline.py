@@ -15,9 +15,10 @@ Every call takes its settings as one typed object (``lightning_modules.settings`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
@@ -28,8 +29,13 @@ from lightning_modules.compiled_unet import compile_unet
 from lightning_modules.components import build_components, read_checkpoint, vae_scale_factor
 from lightning_modules.prompt_encoder import NULL_PROMPT
 from lightning_modules.regions import feather_mask, latent_mask
-from lightning_modules.settings import (CounterfactualSettings, InductionSettings, InversionSettings,
-                                        SamplingSettings, SDEditSettings)
+from lightning_modules.settings import (
+    CounterfactualSettings,
+    InductionSettings,
+    InversionSettings,
+    SamplingSettings,
+    SDEditSettings,
+)
 from lightning_modules.vae import decode, encode
 
 DEFAULT_NORMAL_PROMPT = "no acute cardiopulmonary abnormality"
@@ -52,9 +58,16 @@ class InductionOutput:
 
 
 class LatentDiffusionPipeline:
-    def __init__(self, vae, unet, scheduler: DDIMScheduler, prompt_encoder,
-                 normal_prompt: str = DEFAULT_NORMAL_PROMPT, sampling: SamplingSettings | None = None,
-                 compile: bool = False):
+    def __init__(
+        self,
+        vae,
+        unet,
+        scheduler: DDIMScheduler,
+        prompt_encoder,
+        normal_prompt: str = DEFAULT_NORMAL_PROMPT,
+        sampling: SamplingSettings | None = None,
+        compile: bool = False,
+    ):
         """``sampling``: the model's default steps and guidance (stored with its checkpoint). ``compile``: run the
         UNet ``torch.compile``d (the same weights): faster once compiled, which costs every new input shape a
         compilation first (`make bench` measures both)."""
@@ -65,25 +78,40 @@ class LatentDiffusionPipeline:
         self.sampling = sampling or SamplingSettings()
 
     @classmethod
-    def from_parts(cls, vae, unet, noise_scheduler: DDPMScheduler, prompt_encoder,
-                   sampling: Mapping[str, Any] | None = None, compile: bool = False) -> "LatentDiffusionPipeline":
+    def from_parts(
+        cls,
+        vae,
+        unet,
+        noise_scheduler: DDPMScheduler,
+        prompt_encoder,
+        sampling: Mapping[str, Any] | None = None,
+        compile: bool = False,
+    ) -> LatentDiffusionPipeline:
         """The training parts plus a checkpoint's ``sampling`` hyper-parameters (DDIM scheduler options, default steps
         and guidance, the normal prompt)."""
         sampling = sampling or {}
         scheduler = DDIMScheduler.from_config(noise_scheduler.config, **sampling.get("scheduler", {}))
-        return cls(vae, unet, scheduler, prompt_encoder, sampling.get("normal_prompt", DEFAULT_NORMAL_PROMPT),
-                   SamplingSettings.from_hparams(sampling), compile)
+        return cls(
+            vae,
+            unet,
+            scheduler,
+            prompt_encoder,
+            sampling.get("normal_prompt", DEFAULT_NORMAL_PROMPT),
+            SamplingSettings.from_hparams(sampling),
+            compile,
+        )
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
-                        compile: bool = False) -> "LatentDiffusionPipeline":
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True, compile: bool = False
+    ) -> LatentDiffusionPipeline:
         """A stage-2 checkpoint -> its pipeline, without the training module: the frozen parts are rebuilt from the
         paths in its hyper-parameters, the UNet gets the checkpoint's EMA weights (``use_ema``) or its raw ones."""
         checkpoint = read_checkpoint(path)
         hparams = checkpoint["hyper_parameters"]
         vae, prompt_encoder, unet, noise_scheduler = build_components(**hparams)
         prefix = "unet."
-        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         missing, unexpected = unet.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {path} does not match its UNet: missing {missing}, unexpected {unexpected}")
@@ -91,8 +119,14 @@ class LatentDiffusionPipeline:
             with torch.no_grad():
                 for param, shadow in zip(unet.parameters(), checkpoint["ema"]["shadow_params"], strict=True):
                     param.copy_(shadow)
-        return cls.from_parts(vae.to(device), unet.to(device).eval(), noise_scheduler,
-                              prompt_encoder.to(device).eval(), hparams.get("sampling"), compile)
+        return cls.from_parts(
+            vae.to(device),
+            unet.to(device).eval(),
+            noise_scheduler,
+            prompt_encoder.to(device).eval(),
+            hparams.get("sampling"),
+            compile,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -124,8 +158,9 @@ class LatentDiffusionPipeline:
         return guidance_scale not in (0.0, 1.0)
 
     # 3. encode image ------------------------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                     sample: bool = False) -> torch.Tensor:
+    def encode_image(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
         return encode(self.vae, images.to(self.device), generator, sample)  # (B, C, h, w)
 
     # 4. prepare latents ---------------------------------------------------------------------------------------
@@ -133,16 +168,18 @@ class LatentDiffusionPipeline:
         """The last ``int(num_inference_steps * fraction)`` DDIM timesteps, as img2img's ``get_timesteps``."""
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         start = num_inference_steps - min(int(num_inference_steps * fraction), num_inference_steps)
-        return self.scheduler.timesteps[start * self.scheduler.order:]
+        return self.scheduler.timesteps[start * self.scheduler.order :]
 
-    def q_sample(self, latents: torch.Tensor, timestep: torch.Tensor,
-                 generator: torch.Generator | None) -> torch.Tensor:
+    def q_sample(
+        self, latents: torch.Tensor, timestep: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
         noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
         return self.scheduler.add_noise(latents, noise, timestep.repeat(latents.shape[0]))
 
     @torch.no_grad()
-    def invert(self, latents: torch.Tensor, num_inference_steps: int, depth: float,
-               prompt: str = NULL_PROMPT) -> torch.Tensor:
+    def invert(
+        self, latents: torch.Tensor, num_inference_steps: int, depth: float, prompt: str = NULL_PROMPT
+    ) -> torch.Tensor:
         """Deterministic DDIM forward (abduction): z_0 -> z_t at ``depth`` of the schedule, under ``prompt``."""
         self.inverse_scheduler.set_timesteps(num_inference_steps, device=self.device)
         steps = min(int(num_inference_steps * depth), num_inference_steps)
@@ -153,8 +190,9 @@ class LatentDiffusionPipeline:
         return latents
 
     # 5. denoise with guidance ---------------------------------------------------------------------------------
-    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
-                      guidance_scale: float) -> torch.Tensor:
+    def predict_noise(
+        self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
         if not self.do_guidance(guidance_scale):
             return self.unet(self.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=embeddings).sample
         model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)  # (2B, C, h, w)
@@ -162,8 +200,14 @@ class LatentDiffusionPipeline:
         return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor,
-                guidance_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        guidance_scale: float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         for t in timesteps:
             noise_pred = self.predict_noise(latents, t, embeddings, guidance_scale)
             latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
@@ -175,9 +219,13 @@ class LatentDiffusionPipeline:
         return decode(self.vae, latents)  # (B, 1, H, W) in [-1, 1]
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, settings: CounterfactualSettings,
-                 target_prompt: str | list[str] | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None) -> CounterfactualOutput:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        settings: CounterfactualSettings,
+        target_prompt: str | list[str] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> CounterfactualOutput:
         """Abnormal images (B, 1, H, W) in [-1, 1] -> their healthy counterfactuals and attribution maps."""
         self.check_inputs(images, settings)
         steps, guidance = settings.num_inference_steps, settings.guidance_scale
@@ -198,8 +246,14 @@ class LatentDiffusionPipeline:
         return CounterfactualOutput(counterfactuals, latents, signed_map(images, counterfactuals))
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], height: int, width: int, settings: SamplingSettings | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        prompts: list[str],
+        height: int,
+        width: int,
+        settings: SamplingSettings | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
         """Text -> images (B, 1, H, W) in [-1, 1], with the model's default settings unless given."""
         settings = settings or self.sampling
         embeddings = self.encode_prompt(prompts, settings.guidance_scale)
@@ -210,24 +264,37 @@ class LatentDiffusionPipeline:
         return self.decode(self.denoise(latents, timesteps, embeddings, settings.guidance_scale, generator))
 
     @staticmethod
-    def check_induction_inputs(images: torch.Tensor, region_masks: torch.Tensor, prompt: str | list[str],
-                               settings: InductionSettings) -> None:
+    def check_induction_inputs(
+        images: torch.Tensor, region_masks: torch.Tensor, prompt: str | list[str], settings: InductionSettings
+    ) -> None:
         if not isinstance(settings, InductionSettings):
             raise TypeError(f"settings must be InductionSettings, got {type(settings).__name__}")
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
-        if region_masks.ndim != 4 or region_masks.shape[1] != 1 or region_masks.shape[-2:] != images.shape[-2:] \
-                or region_masks.shape[0] not in (1, images.shape[0]):
-            raise ValueError(f"region_masks must be (B or 1, 1, H, W) like the images {tuple(images.shape)}, "
-                             f"got {tuple(region_masks.shape)}")
+        if (
+            region_masks.ndim != 4
+            or region_masks.shape[1] != 1
+            or region_masks.shape[-2:] != images.shape[-2:]
+            or region_masks.shape[0] not in (1, images.shape[0])
+        ):
+            raise ValueError(
+                f"region_masks must be (B or 1, 1, H, W) like the images {tuple(images.shape)}, "
+                f"got {tuple(region_masks.shape)}"
+            )
         if region_masks.min() < 0 or region_masks.max() > 1 or not region_masks.flatten(1).any(1).all():
             raise ValueError("region_masks must be in [0, 1] and name at least one pixel of every image")
         if any(not p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
             raise ValueError("the finding prompt is empty: zero-shot induction needs the finding to draw")
 
     @torch.no_grad()
-    def induce(self, images: torch.Tensor, region_masks: torch.Tensor, prompt: str | list[str],
-               settings: InductionSettings, generator: torch.Generator | None = None) -> InductionOutput:
+    def induce(
+        self,
+        images: torch.Tensor,
+        region_masks: torch.Tensor,
+        prompt: str | list[str],
+        settings: InductionSettings,
+        generator: torch.Generator | None = None,
+    ) -> InductionOutput:
         """Zero-shot localized disease induction (method.md §3): normal images (B, 1, H, W) in [-1, 1], regions
         (B or 1, 1, H, W) in [0, 1] and a finding prompt -> the finding drawn inside the regions only.
 
@@ -243,14 +310,18 @@ class LatentDiffusionPipeline:
         guidance_scale, paste = settings.guidance_scale, settings.paste
         images = images.to(self.device)
         batch_size = images.shape[0]
-        masks = feather_mask(region_masks.to(self.device, images.dtype).expand(batch_size, -1, -1, -1), settings.feather)
+        masks = feather_mask(
+            region_masks.to(self.device, images.dtype).expand(batch_size, -1, -1, -1), settings.feather
+        )
         embeddings = self.encode_prompt(self._prompts(prompt, batch_size), guidance_scale)
 
         original = self.encode_image(images, generator, sample=True)  # (B, C, h, w), a posterior sample as inpainting
         mask = latent_mask(masks, original.shape[-2:])  # (B, 1, h, w)
         timesteps = self.timesteps(settings.num_inference_steps, settings.strength)
         noise = randn_tensor(original.shape, generator=generator, device=self.device, dtype=original.dtype)
-        if settings.strength == 1.0:  # as diffusers: pure noise, not the image noised to the first (not quite last) timestep
+        if (
+            settings.strength == 1.0
+        ):  # as diffusers: pure noise, not the image noised to the first (not quite last) timestep
             latents = noise * self.scheduler.init_noise_sigma
         else:
             latents = self.scheduler.add_noise(original, noise, timesteps[:1].repeat(batch_size))
@@ -258,8 +329,11 @@ class LatentDiffusionPipeline:
         for i, t in enumerate(timesteps):
             noise_pred = self.predict_noise(latents, t, embeddings, guidance_scale)
             latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
-            known = original if i == len(timesteps) - 1 else \
-                self.scheduler.add_noise(original, noise, timesteps[i + 1:i + 2].repeat(batch_size))
+            known = (
+                original
+                if i == len(timesteps) - 1
+                else self.scheduler.add_noise(original, noise, timesteps[i + 1 : i + 2].repeat(batch_size))
+            )
             latents = mask * latents + (1 - mask) * known
 
         decoded = self.decode(latents)

@@ -8,6 +8,7 @@ zero key/value contributes nothing but a constant to the attention softmax.
 from __future__ import annotations
 
 from importlib.resources import files
+
 import torch
 from torch import nn
 
@@ -67,7 +68,7 @@ class PromptEncoder(nn.Module):
         self.model.eval().requires_grad_(False)
         self._cache: dict[str, torch.Tensor] = {}
 
-    def train(self, mode: bool = True) -> "PromptEncoder":
+    def train(self, mode: bool = True) -> PromptEncoder:
         """Stays in eval mode: the encoder is frozen, dropout must not make a cached prompt change."""
         return super().train(False)
 
@@ -110,4 +111,3 @@ class PromptEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name_or_path={self.name_or_path!r}, backend={self.backend}, max_length={self.max_length}"
-

@@ -5,7 +5,7 @@ A plain function of all the scores at once (one process), not a DDP state.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torchmetrics.functional.classification import binary_auroc
@@ -18,8 +18,12 @@ def _mean(values: torch.Tensor) -> float | None:
     return float(values.mean()) if values.numel() else None
 
 
-def prompt_fidelity(probabilities: Mapping[str, torch.Tensor], labels: torch.Tensor, finding_names: Sequence[str],
-                    label_mask: torch.Tensor | None = None) -> dict[str, dict]:
+def prompt_fidelity(
+    probabilities: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    finding_names: Sequence[str],
+    label_mask: torch.Tensor | None = None,
+) -> dict[str, dict]:
     """Whether images show what their prompt names, as the independent finding classifier sees it.
 
     ``probabilities``: per image set (``generated``, ``real``) the classifier's (N, K + 1) outputs, columns in
@@ -39,13 +43,18 @@ def prompt_fidelity(probabilities: Mapping[str, torch.Tensor], labels: torch.Ten
     fidelity = {}
     for row, (column, finding, healthy) in rows.items():
         prompted, reference = (healthy, finding) if row == NORMAL else (finding, healthy)
-        fidelity[row] = {"score": ABNORMAL if row == NORMAL else row,
-                         "reference": "any finding" if row == NORMAL else NORMAL,
-                         "n": int(prompted.sum()), "n_reference": int(reference.sum())}
+        fidelity[row] = {
+            "score": ABNORMAL if row == NORMAL else row,
+            "reference": "any finding" if row == NORMAL else NORMAL,
+            "n": int(prompted.sum()),
+            "n_reference": int(reference.sum()),
+        }
         both, separable = finding | healthy, bool(finding.any() and healthy.any())
         for images, p in probabilities.items():
             score = p[:, column].float()  # (N,)
             fidelity[row][images] = {
-                "p_prompted": _mean(score[prompted]), "p_reference": _mean(score[reference]),
-                "auroc": float(binary_auroc(score[both], finding[both].long())) if separable else None}
+                "p_prompted": _mean(score[prompted]),
+                "p_reference": _mean(score[reference]),
+                "auroc": float(binary_auroc(score[both], finding[both].long())) if separable else None,
+            }
     return fidelity

@@ -39,8 +39,10 @@ def parse_box(box: str | list | tuple, size: int) -> tuple[int, int, int, int]:
     except ValueError:
         raise RegionError(f"box must be four integers 'x0,y0,x1,y1' in pixels, got {box!r}") from None
     if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
-        raise RegionError(f"box {x0},{y0},{x1},{y1} is empty or outside the {size}x{size} image "
-                          f"(need 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size})")
+        raise RegionError(
+            f"box {x0},{y0},{x1},{y1} is empty or outside the {size}x{size} image "
+            f"(need 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size})"
+        )
     return x0, y0, x1, y1
 
 
@@ -74,8 +76,9 @@ class RegionSpec:
     mask_path: str | None = None
 
     @classmethod
-    def parse(cls, size: int, zone: str | None = None, box: str | list | tuple | None = None,
-              mask_path: str | None = None) -> "RegionSpec":
+    def parse(
+        cls, size: int, zone: str | None = None, box: str | list | tuple | None = None, mask_path: str | None = None
+    ) -> RegionSpec:
         if not (zone or box or mask_path):
             raise RegionError(f"no region: give zone=<{'|'.join(ZONES)}>, box=x0,y0,x1,y1 or mask_path=<image>")
         if zone and zone not in ZONES:
@@ -151,7 +154,8 @@ def ssim_outside(images: torch.Tensor, originals: torch.Tensor, regions: torch.T
     """
     regions = regions.bool()
     masked = torch.where(regions, originals, images)
-    _, full = structural_similarity_index_measure(masked, originals, data_range=2.0, reduction="none",
-                                                  return_full_image=True)  # (B, 1, H, W)
+    _, full = structural_similarity_index_measure(
+        masked, originals, data_range=2.0, reduction="none", return_full_image=True
+    )  # (B, 1, H, W)
     outside = (~regions).flatten(1).float()
     return (full.flatten(1) * outside).sum(1) / outside.sum(1).clamp(min=1.0)

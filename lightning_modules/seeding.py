@@ -4,7 +4,7 @@ the order of the data or the DDP rank that draws it."""
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,18 @@ class SamplingSettings:
     fraction_name: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) \
-                or self.num_inference_steps < 1:
+        if (
+            isinstance(self.num_inference_steps, bool)
+            or not isinstance(self.num_inference_steps, int)
+            or self.num_inference_steps < 1
+        ):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {self.num_inference_steps!r}")
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) \
-                or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+        if (
+            isinstance(self.guidance_scale, bool)
+            or not isinstance(self.guidance_scale, (int, float))
+            or not math.isfinite(self.guidance_scale)
+            or self.guidance_scale < 0
+        ):
             raise ValueError(f"guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
         if self.fraction_name is not None:
@@ -41,25 +49,30 @@ class SamplingSettings:
             raise ValueError(f"{name} must be in (0, 1], got {value!r}")
         object.__setattr__(self, name, float(value))
         if int(self.num_inference_steps * value) < 1:  # the pipeline would have no timestep to start from
-            raise ValueError(f"{name} {value} of {self.num_inference_steps} steps runs no denoising step: raise "
-                             f"{name} or num_inference_steps to at least {math.ceil(1 / value)}")
+            raise ValueError(
+                f"{name} {value} of {self.num_inference_steps} steps runs no denoising step: raise "
+                f"{name} or num_inference_steps to at least {math.ceil(1 / value)}"
+            )
 
     @classmethod
-    def from_hparams(cls, sampling: Mapping[str, Any] | None) -> "SamplingSettings":
+    def from_hparams(cls, sampling: Mapping[str, Any] | None) -> SamplingSettings:
         """The defaults a checkpoint stores under ``hyper_parameters.sampling``."""
         sampling = sampling or {}
         return SamplingSettings(**{f: sampling[f] for f in ("num_inference_steps", "guidance_scale") if f in sampling})
 
     @classmethod
-    def build(cls, defaults: "SamplingSettings | None" = None, **values: Any):
+    def build(cls, defaults: SamplingSettings | None = None, **values: Any):
         """``values`` (``None`` = not given) over ``defaults``' steps and guidance over the class defaults."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} setting(s) {unknown}; valid: {', '.join(sorted(fields))}")
         given = {k: v for k, v in values.items() if v is not None}
-        inherited = {} if defaults is None else {"num_inference_steps": defaults.num_inference_steps,
-                                                 "guidance_scale": defaults.guidance_scale}
+        inherited = (
+            {}
+            if defaults is None
+            else {"num_inference_steps": defaults.num_inference_steps, "guidance_scale": defaults.guidance_scale}
+        )
         return cls(**{**inherited, **given})
 
     def asdict(self) -> dict[str, Any]:
@@ -104,12 +117,15 @@ class InductionSettings(SamplingSettings):
 
 CounterfactualSettings = SDEditSettings | InversionSettings
 COUNTERFACTUAL_SETTINGS: dict[str, type[SDEditSettings] | type[InversionSettings]] = {
-    "sdedit": SDEditSettings, "inversion": InversionSettings}
+    "sdedit": SDEditSettings,
+    "inversion": InversionSettings,
+}
 COUNTERFACTUAL_METHODS = tuple(COUNTERFACTUAL_SETTINGS)
 
 
-def counterfactual_settings(method: str, defaults: SamplingSettings | None = None,
-                            **values: Any) -> CounterfactualSettings:
+def counterfactual_settings(
+    method: str, defaults: SamplingSettings | None = None, **values: Any
+) -> CounterfactualSettings:
     """The settings of counterfactual ``method``. ``values`` may hold the other method's fraction too (a config block
     that serves either method); it is ignored, every other unknown key is an error."""
     if method not in COUNTERFACTUAL_SETTINGS:

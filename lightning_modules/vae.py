@@ -10,7 +10,7 @@ def load_vae(path: str, subfolder: str | None = None) -> AutoencoderKL:
     """Any diffusers ``AutoencoderKL`` directory: ours from stage 1, or e.g. a Stable Diffusion VAE on disk."""
     try:
         vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, low_cpu_mem_usage=False)
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:
         raise FileNotFoundError(
             f"no diffusers AutoencoderKL at '{path}'{f' (subfolder {subfolder})' if subfolder else ''}: "
             "train one with `make train-autoencoder` or point model.vae.path at a pretrained VAE directory"
@@ -25,8 +25,9 @@ def posterior(vae: AutoencoderKL, images: torch.Tensor):
     return vae.encode(images).latent_dist
 
 
-def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None,
-           sample: bool = False) -> torch.Tensor:
+def encode(
+    vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+) -> torch.Tensor:
     """Images -> scaled latents: the posterior mean, or a sample drawn with ``generator`` as img2img draws it."""
     dist = posterior(vae, images)
     latents = dist.sample(generator) if sample else dist.mode()

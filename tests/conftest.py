@@ -76,5 +76,7 @@ def _session_models_unchanged(request):
     yield
     after = model_fingerprint(module)
     changed = sorted(key for key in before if before[key] != after[key])
-    assert not changed, (f"{request.node.nodeid} changed the session fixture tiny_ldm ({', '.join(changed)}): "
-                         "use make_tiny_ldm() for a module of the test's own")
+    assert not changed, (
+        f"{request.node.nodeid} changed the session fixture tiny_ldm ({', '.join(changed)}): "
+        "use make_tiny_ldm() for a module of the test's own"
+    )

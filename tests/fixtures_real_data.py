@@ -69,12 +69,14 @@ def make_covid_tree(base: Path, *, truncated_file: bool = False, sheets: bool = 
             lung[4:20, 3:10] = lung[4:20, 14:21] = 255
             write(root / cls / "masks" / name, encode(lung))
         if sheets:
-            sheet = pd.DataFrame({
-                "FILE NAME": [f"{cls.upper()}-{i}" for i in range(1, count + 1)],
-                "FORMAT": "PNG",
-                "SIZE": "30*30",
-                "URL": [f"https://example.org/{cls}/{i}" for i in range(1, count + 1)],
-            })
+            sheet = pd.DataFrame(
+                {
+                    "FILE NAME": [f"{cls.upper()}-{i}" for i in range(1, count + 1)],
+                    "FORMAT": "PNG",
+                    "SIZE": "30*30",
+                    "URL": [f"https://example.org/{cls}/{i}" for i in range(1, count + 1)],
+                }
+            )
             sheet.to_excel(root / f"{cls}.metadata.xlsx", index=False)
     write(root / "COVID" / "images" / "._COVID-1.png", b"\x00\x05\x16\x07 AppleDouble")
     write(root / "README.md.txt", b"COVID-19 Radiography Database")

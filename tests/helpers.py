@@ -32,10 +32,18 @@ def tiny_ldm_arguments(vae_dir: str) -> dict[str, Any]:
     """``LatentDiffusionModule`` arguments of ``train.yaml`` with ``experiment=smoke`` on the VAE at ``vae_dir``."""
     cfg = compose("train", [*SMOKE, f"model.vae.path={vae_dir}"])
     model = OmegaConf.to_container(cfg.model)
-    return dict(vae=model["vae"], unet=model["unet"], prompt_encoder=model["prompt_encoder"],
-                noise_scheduler=model["noise_scheduler"], p_uncond=model["p_uncond"], ema=model["ema"],
-                optimizer=model["optimizer"], cache_latents=True, image_size=cfg.data.image_size,
-                sampling={**model["sampling"], "normal_prompt": NORMAL_PROMPT})
+    return dict(
+        vae=model["vae"],
+        unet=model["unet"],
+        prompt_encoder=model["prompt_encoder"],
+        noise_scheduler=model["noise_scheduler"],
+        p_uncond=model["p_uncond"],
+        ema=model["ema"],
+        optimizer=model["optimizer"],
+        cache_latents=True,
+        image_size=cfg.data.image_size,
+        sampling={**model["sampling"], "normal_prompt": NORMAL_PROMPT},
+    )
 
 
 def build_tiny_ldm(vae_dir: str, **overrides: Any):
@@ -50,16 +58,19 @@ def pipeline_of(module, compile: bool = False):
     """The sampling pipeline on a module's parts (the raw UNet weights, as they are), as a checkpoint would give it."""
     from lightning_modules.pipeline import LatentDiffusionPipeline
 
-    return LatentDiffusionPipeline.from_parts(module.vae, module.unet, module.noise_scheduler, module.prompt_encoder,
-                                              module.hparams.sampling, compile)
+    return LatentDiffusionPipeline.from_parts(
+        module.vae, module.unet, module.noise_scheduler, module.prompt_encoder, module.hparams.sampling, compile
+    )
 
 
 def ldm_batch(n: int = 4, size: int = 64, seed: int = 0) -> dict:
     """A training batch of random images with a finding prompt and the normal prompt alternating."""
     g = torch.Generator().manual_seed(seed)
-    return {"image": torch.rand(n, 1, size, size, generator=g) * 2 - 1,
-            "prompt": ["nodule in the left lower zone", NORMAL_PROMPT] * (n // 2),
-            "id": [f"train-{i}" for i in range(n)]}
+    return {
+        "image": torch.rand(n, 1, size, size, generator=g) * 2 - 1,
+        "prompt": ["nodule in the left lower zone", NORMAL_PROMPT] * (n // 2),
+        "id": [f"train-{i}" for i in range(n)],
+    }
 
 
 def model_fingerprint(module) -> dict[str, Any]:
@@ -69,8 +80,13 @@ def model_fingerprint(module) -> dict[str, Any]:
     ema = module.ema
     return {
         "state": state,
-        "ema": None if ema is None else ([float(p.double().sum()) for p in ema.shadow_params],
-                                         ema.optimization_step, getattr(ema, "temp_stored_params", None) is None),
+        "ema": None
+        if ema is None
+        else (
+            [float(p.double().sum()) for p in ema.shadow_params],
+            ema.optimization_step,
+            getattr(ema, "temp_stored_params", None) is None,
+        ),
         "modes": [m.training for m in module.modules()],
         "requires_grad": [p.requires_grad for p in module.parameters()],
         "grads": [p.grad is None for p in module.parameters()],

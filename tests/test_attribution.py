@@ -33,6 +33,8 @@ def seeded(seed: int) -> torch.Generator:
 
 def attribution_config(*overrides: str):
     return compose("attribution", list(overrides))
+
+
 # ---- maps --------------------------------------------------------------------------------------------------------
 def test_map_kinds_by_hand():
     images, counterfactuals = torch.tensor([0.5, 0.0, -1.0]), torch.tensor([0.0, 0.25, -0.5])
@@ -64,8 +66,12 @@ def test_per_image_normalisation():
 # ---- the registry: methods built from their config blocks, validated once ----------------------------------------
 def test_the_registry_holds_ours_and_every_baseline_with_what_they_need():
     assert set(METHODS) == {"sdedit", "inversion", "mean_healthy", "reconstruction", "diffedit", "saliency"}
-    assert {n for n, m in METHODS.items() if m.counterfactual} == {"sdedit", "inversion", "mean_healthy",
-                                                                    "reconstruction"}
+    assert {n for n, m in METHODS.items() if m.counterfactual} == {
+        "sdedit",
+        "inversion",
+        "mean_healthy",
+        "reconstruction",
+    }
     assert [n for n, m in METHODS.items() if m.needs_classifier] == ["saliency"]
     assert [n for n, m in METHODS.items() if m.needs_train_split] == ["mean_healthy"]
     cfg = attribution_config()
@@ -100,25 +106,29 @@ def test_our_settings_come_from_the_block_over_the_checkpoint_defaults():
     assert sdedit.settings == SDEditSettings(num_inference_steps=4, guidance_scale=2.0, strength=0.5)
     inversion = build("inversion", cfg, CHECKPOINT_DEFAULTS, guidance_scale=9.0)  # an override (tuning) wins
     assert inversion.settings == InversionSettings(num_inference_steps=50, guidance_scale=9.0, inversion_depth=0.5)
-    reconstruction = build("reconstruction", attribution_config("baselines.reconstruction.method=sdedit"),
-                           CHECKPOINT_DEFAULTS)
+    reconstruction = build(
+        "reconstruction", attribution_config("baselines.reconstruction.method=sdedit"), CHECKPOINT_DEFAULTS
+    )
     assert reconstruction.settings == SDEditSettings(num_inference_steps=50, guidance_scale=20.0, strength=0.1)
     diffedit = build("diffedit", attribution_config("baselines.diffedit.num_maps=null"), CHECKPOINT_DEFAULTS)
     assert diffedit.settings.num_maps == 10 and diffedit.settings.strength == 0.2  # null: diffusers' default
     assert diffedit.abnormal_prompt == "focal opacity in the lung"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("sdedit.num_inference_steps=5", "sdedit: strength 0.1 of 5 steps runs no denoising step"),
-    ("inversion.inversion_depth=1.5", "inversion: inversion_depth must be in \\(0, 1\\]"),
-    ("sdedit.guidance_scale=-1", "sdedit: guidance_scale must be a number >= 0"),
-    ("baselines.reconstruction.method=diffedit", "baselines.reconstruction: method must be one of"),
-    ("baselines.diffedit.guidance_scale=0", "baselines.diffedit: diffedit needs the prompts"),
-    ("baselines.diffedit.num_maps=0", "baselines.diffedit: num_maps must be an integer >= 1"),
-    ("baselines.diffedit.abnormal_prompt=' '", "baselines.diffedit: abnormal_prompt must be a non-empty prompt"),
-    ("baselines.mean_healthy.num_images=0", "baselines.mean_healthy: num_images must be an integer >= 1"),
-    ("baselines.saliency.method=lime", "baselines.saliency: unknown saliency method 'lime'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sdedit.num_inference_steps=5", "sdedit: strength 0.1 of 5 steps runs no denoising step"),
+        ("inversion.inversion_depth=1.5", "inversion: inversion_depth must be in \\(0, 1\\]"),
+        ("sdedit.guidance_scale=-1", "sdedit: guidance_scale must be a number >= 0"),
+        ("baselines.reconstruction.method=diffedit", "baselines.reconstruction: method must be one of"),
+        ("baselines.diffedit.guidance_scale=0", "baselines.diffedit: diffedit needs the prompts"),
+        ("baselines.diffedit.num_maps=0", "baselines.diffedit: num_maps must be an integer >= 1"),
+        ("baselines.diffedit.abnormal_prompt=' '", "baselines.diffedit: abnormal_prompt must be a non-empty prompt"),
+        ("baselines.mean_healthy.num_images=0", "baselines.mean_healthy: num_images must be an integer >= 1"),
+        ("baselines.saliency.method=lime", "baselines.saliency: unknown saliency method 'lime'"),
+    ],
+)
 def test_a_bad_setting_fails_when_the_method_is_built_naming_its_block(override, message):
     name = next(n for n, m in METHODS.items() if override.startswith(m.config_key + "."))
     with pytest.raises(ValueError, match=message):
@@ -136,8 +146,13 @@ def test_unknown_names_list_the_known_ones():
 
 
 # ---- both methods and the baselines on the tiny model ------------------------------------------------------------
-@pytest.mark.parametrize("settings", [SDEditSettings(num_inference_steps=3, strength=0.6),
-                                      InversionSettings(num_inference_steps=3, inversion_depth=0.6)])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SDEditSettings(num_inference_steps=3, strength=0.6),
+        InversionSettings(num_inference_steps=3, inversion_depth=0.6),
+    ],
+)
 def test_both_methods_give_non_negative_maps_of_their_difference(tiny_pipeline, images, settings):
     out = tiny_pipeline(images, settings, generator=seeded(0))
     positive = attribution_map(out.attribution, "positive")
@@ -162,8 +177,9 @@ def test_our_registered_methods_are_the_pipeline_with_their_settings(tiny_pipeli
 def test_reconstruction_is_the_unguided_null_prompt_pipeline(tiny_pipeline, images):
     settings = InversionSettings(num_inference_steps=3, inversion_depth=0.5, guidance_scale=7.0)
     ours = reconstruct(tiny_pipeline, images, settings)
-    plain = tiny_pipeline(images, InversionSettings(num_inference_steps=3, inversion_depth=0.5, guidance_scale=1.0),
-                          [NULL_PROMPT] * 2)
+    plain = tiny_pipeline(
+        images, InversionSettings(num_inference_steps=3, inversion_depth=0.5, guidance_scale=1.0), [NULL_PROMPT] * 2
+    )
     torch.testing.assert_close(ours.images, plain.images)
     guided = tiny_pipeline(images, settings)
     assert not torch.allclose(ours.images, guided.images)
@@ -187,17 +203,31 @@ def test_diffedit_latent_map_matches_diffusers_generate_mask(tiny_pipeline, imag
     settings = DiffEditSettings(strength=0.5, guidance_scale=3.0, num_inference_steps=4, num_maps=3)
     ours = diffedit_latent_map(pipeline, images, ABNORMAL, settings, generator=seeded(5))
     peer = StableDiffusionDiffEditPipeline(
-        vae=pipeline.vae, text_encoder=None, tokenizer=None, unet=pipeline.unet, scheduler=pipeline.scheduler,
-        inverse_scheduler=pipeline.inverse_scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        vae=pipeline.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=pipeline.unet,
+        scheduler=pipeline.scheduler,
+        inverse_scheduler=pipeline.inverse_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     encode = pipeline.prompt_encoder
     theirs = peer.generate_mask(
-        image=(images + 1) / 2, source_prompt_embeds=encode(ABNORMAL), target_prompt_embeds=encode(
-            [pipeline.normal_prompt] * 2), source_negative_prompt_embeds=encode([NULL_PROMPT] * 2),
-        target_negative_prompt_embeds=encode([NULL_PROMPT] * 2), num_maps_per_mask=settings.num_maps,
-        mask_encode_strength=settings.strength, guidance_scale=settings.guidance_scale,
-        num_inference_steps=settings.num_inference_steps, generator=seeded(5),
-        mask_thresholding_ratio=3.0, output_type="np")  # (B, h, w) in {0, 1}
+        image=(images + 1) / 2,
+        source_prompt_embeds=encode(ABNORMAL),
+        target_prompt_embeds=encode([pipeline.normal_prompt] * 2),
+        source_negative_prompt_embeds=encode([NULL_PROMPT] * 2),
+        target_negative_prompt_embeds=encode([NULL_PROMPT] * 2),
+        num_maps_per_mask=settings.num_maps,
+        mask_encode_strength=settings.strength,
+        guidance_scale=settings.guidance_scale,
+        num_inference_steps=settings.num_inference_steps,
+        generator=seeded(5),
+        mask_thresholding_ratio=3.0,
+        output_type="np",
+    )  # (B, h, w) in {0, 1}
     clamp = ours.mean() * 3.0
     mask = (ours[:, 0].clamp(0, clamp) / clamp > 0.5).int().numpy()
     assert 0 < theirs.mean() < 1
@@ -215,25 +245,32 @@ def test_diffedit_map_is_zero_when_both_prompts_agree(tiny_pipeline, images):
 
 
 def test_diffedit_method_uses_the_reports_else_its_abnormal_prompt(tiny_pipeline, images):
-    cfg = attribution_config("baselines.diffedit.num_inference_steps=4", "baselines.diffedit.strength=0.5",
-                             "baselines.diffedit.num_maps=2",
-                             "baselines.diffedit.abnormal_prompt=right pleural effusion")
+    cfg = attribution_config(
+        "baselines.diffedit.num_inference_steps=4",
+        "baselines.diffedit.strength=0.5",
+        "baselines.diffedit.num_maps=2",
+        "baselines.diffedit.abnormal_prompt=right pleural effusion",
+    )
     method, models = build("diffedit", cfg, CHECKPOINT_DEFAULTS), Models(tiny_pipeline)
     assert not method.counterfactual
     from_reports = method(images, models, seeded(0), ABNORMAL).map
     fallback = method(images, models, seeded(0)).map
     assert from_reports.shape == images.shape and from_reports.min() >= 0
-    torch.testing.assert_close(from_reports, diffedit_map(tiny_pipeline, images, ABNORMAL, method.settings,
-                                                          generator=seeded(0)))
-    torch.testing.assert_close(fallback, diffedit_map(tiny_pipeline, images, ["right pleural effusion"] * 2,
-                                                      method.settings, generator=seeded(0)))
+    torch.testing.assert_close(
+        from_reports, diffedit_map(tiny_pipeline, images, ABNORMAL, method.settings, generator=seeded(0))
+    )
+    torch.testing.assert_close(
+        fallback,
+        diffedit_map(tiny_pipeline, images, ["right pleural effusion"] * 2, method.settings, generator=seeded(0)),
+    )
     assert not torch.allclose(from_reports, fallback)
 
 
 def test_mean_healthy_image_averages_only_healthy_samples():
     labels = [1, 0, 0, 1, 0]
-    dataset = [{"image": torch.full((1, 2, 2), float(i)), "label": torch.tensor([float(v)])}
-               for i, v in enumerate(labels)]
+    dataset = [
+        {"image": torch.full((1, 2, 2), float(i)), "label": torch.tensor([float(v)])} for i, v in enumerate(labels)
+    ]
     torch.testing.assert_close(mean_healthy_image(dataset), torch.full((1, 2, 2), (1 + 2 + 4) / 3))
     torch.testing.assert_close(mean_healthy_image(dataset, num_images=2), torch.full((1, 2, 2), 1.5))
     with pytest.raises(ValueError, match="no healthy image"):

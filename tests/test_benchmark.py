@@ -18,16 +18,53 @@ from experiments import benchmark as script
 from lightning_modules.runs import benchmark
 from lightning_modules.runs.timing import Line, measure
 
-LINES = ("train_plain", "train_ours_caches_off", "train_ours_caches_on", "sdedit_diffusers",
-         "sdedit_diffusers_given_embeddings", "sdedit_ours", "inversion_ours", "unet_forward_backward",
-         "unet_channels_last", "unet_bf16_autocast", "matmul_peak")
-KEYS = {"train_speedup_vs_plain", "train_speedup_vs_plain_eager", "train_speedup_caches_on_vs_off",
-        "sdedit_speedup_vs_diffusers", "sdedit_speedup_vs_diffusers_eager",
-        "sdedit_speedup_vs_diffusers_given_embeddings", "ours", "compile", "unet_peak_fraction",
-        "unet_variant_speedups", "matmul_peak_flops", "lines", "checks", "memory_method", "environment", "settings",
-        "counterfactual_settings", "quick"}
-LINE_KEYS = {"what", "unit", "median", "q1", "q3", "min", "max", "repeats", "seconds", "items_per_repeat",
-             "peak_memory_mb", "first_call_seconds"}
+LINES = (
+    "train_plain",
+    "train_ours_caches_off",
+    "train_ours_caches_on",
+    "sdedit_diffusers",
+    "sdedit_diffusers_given_embeddings",
+    "sdedit_ours",
+    "inversion_ours",
+    "unet_forward_backward",
+    "unet_channels_last",
+    "unet_bf16_autocast",
+    "matmul_peak",
+)
+KEYS = {
+    "train_speedup_vs_plain",
+    "train_speedup_vs_plain_eager",
+    "train_speedup_caches_on_vs_off",
+    "sdedit_speedup_vs_diffusers",
+    "sdedit_speedup_vs_diffusers_eager",
+    "sdedit_speedup_vs_diffusers_given_embeddings",
+    "ours",
+    "compile",
+    "unet_peak_fraction",
+    "unet_variant_speedups",
+    "matmul_peak_flops",
+    "lines",
+    "checks",
+    "memory_method",
+    "environment",
+    "settings",
+    "counterfactual_settings",
+    "quick",
+}
+LINE_KEYS = {
+    "what",
+    "unit",
+    "median",
+    "q1",
+    "q3",
+    "min",
+    "max",
+    "repeats",
+    "seconds",
+    "items_per_repeat",
+    "peak_memory_mb",
+    "first_call_seconds",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +89,10 @@ def test_what_is_written_is_what_was_measured(quick):
         rates = line["items_per_repeat"] / np.asarray(line["seconds"])
         assert np.all(rates > 0) and np.all(np.isfinite(rates)), name
         q1, q3 = np.percentile(rates, [25, 75])
-        assert np.allclose([line["min"], line["q1"], line["median"], line["q3"], line["max"]],
-                           [rates.min(), q1, np.median(rates), q3, rates.max()]), name
+        assert np.allclose(
+            [line["min"], line["q1"], line["median"], line["q3"], line["max"]],
+            [rates.min(), q1, np.median(rates), q3, rates.max()],
+        ), name
         assert line["first_call_seconds"] > 0, name
     assert result["lines"]["matmul_peak"]["items_per_repeat"] == 2 * result["settings"]["matmul_size"] ** 3
 
@@ -100,10 +139,16 @@ def test_the_counterfactual_settings_are_attribution_yamls(quick):
     """configs/attribution.yaml holds the values; the benchmark overrides only what --quick shortens."""
     _, result, _ = quick
     attribution, settings = compose("attribution"), result["counterfactual_settings"]
-    assert settings["sdedit"] == {"strength": attribution.sdedit.strength, "num_inference_steps": 10,
-                                  "guidance_scale": attribution.sdedit.guidance_scale}
-    assert settings["inversion"] == {"inversion_depth": attribution.inversion.inversion_depth,
-                                     "num_inference_steps": 2, "guidance_scale": attribution.inversion.guidance_scale}
+    assert settings["sdedit"] == {
+        "strength": attribution.sdedit.strength,
+        "num_inference_steps": 10,
+        "guidance_scale": attribution.sdedit.guidance_scale,
+    }
+    assert settings["inversion"] == {
+        "inversion_depth": attribution.inversion.inversion_depth,
+        "num_inference_steps": 2,
+        "guidance_scale": attribution.inversion.guidance_scale,
+    }
 
 
 def test_the_markdown_lists_every_line_and_ratio(quick):
@@ -116,11 +161,14 @@ def test_the_markdown_lists_every_line_and_ratio(quick):
     assert result["environment"]["num_threads"] == 1 and result["quick"] is True
 
 
-@pytest.mark.parametrize("override, message", [
-    ("unet_variants=[fp8]", "benchmark: unknown unet_variants \\['fp8'\\]; valid: channels_last"),
-    ("counterfactual.sdedit.strength=2.0", "benchmark: strength must be in \\(0, 1\\]"),
-    ("repeats=0", "benchmark: warmup and repeats must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("unet_variants=[fp8]", "benchmark: unknown unet_variants \\['fp8'\\]; valid: channels_last"),
+        ("counterfactual.sdedit.strength=2.0", "benchmark: strength must be in \\(0, 1\\]"),
+        ("repeats=0", "benchmark: warmup and repeats must be >= 1"),
+    ],
+)
 def test_bad_settings_stop_before_measuring(tmp_path, override, message):
     with pytest.raises(SystemExit, match=message):
         script.main(["--quick", f"output_dir={tmp_path}", override])
@@ -147,10 +195,12 @@ def test_measure_interleaves_the_rounds_after_the_warm_up():
         def call(memory=None) -> float:
             order.append(name)
             return seconds
+
         return call
 
-    measured = measure({"a": fake("a", 1.0), "b": fake("b", 2.0)}, torch.device("cpu"), warmup=2, repeats=4,
-                       memory_interval=0.001)
+    measured = measure(
+        {"a": fake("a", 1.0), "b": fake("b", 2.0)}, torch.device("cpu"), warmup=2, repeats=4, memory_interval=0.001
+    )
     assert order == ["a", "a", "b", "b"] + ["a", "b", "b", "a"] * 2  # reversed every other round: the same drift
     assert measured["a"].seconds == [1.0] * 4 and measured["b"].seconds == [2.0] * 4
     assert all(m.peak_memory_bytes >= 0 and m.first_call_seconds >= 0 for m in measured.values())
@@ -168,15 +218,26 @@ def test_a_line_summarises_rates_not_seconds():
 def test_compile_cost_is_the_first_call_difference_over_the_time_each_call_saves():
     eager = Line("eager", "", seconds=[1.0, 1.0, 1.0], items=64, peak_memory_bytes=0, first_call_seconds=3.0)
     compiled = Line("compiled", "", [0.5, 0.5, 0.5], 64, 0, first_call_seconds=13.0)
-    assert benchmark.compile_cost(eager, compiled) == {"seconds": 10.0, "items_per_call": 64,
-                                                       "break_even_calls": 20.0}
-    three_steps = [Line(name, "", [3 * t] * 3, 3 * 64, 0, first_call_seconds=first)
-                   for name, t, first in (("eager", 1.0, 3.0), ("compiled", 0.5, 13.0))]
-    assert benchmark.compile_cost(*three_steps, calls_per_repeat=3) == {"seconds": 10.0, "items_per_call": 64,
-                                                                         "break_even_calls": 20.0}
+    assert benchmark.compile_cost(eager, compiled) == {"seconds": 10.0, "items_per_call": 64, "break_even_calls": 20.0}
+    three_steps = [
+        Line(name, "", [3 * t] * 3, 3 * 64, 0, first_call_seconds=first)
+        for name, t, first in (("eager", 1.0, 3.0), ("compiled", 0.5, 13.0))
+    ]
+    assert benchmark.compile_cost(*three_steps, calls_per_repeat=3) == {
+        "seconds": 10.0,
+        "items_per_call": 64,
+        "break_even_calls": 20.0,
+    }
     slower = Line("slower", "", [2.0, 2.0, 2.0], 64, 0, first_call_seconds=13.0)
     assert benchmark.compile_cost(eager, slower)["break_even_calls"] is None
-    note = benchmark.compile_notes({"train_steps": benchmark.compile_cost(eager, compiled),
-                                    "sdedit_calls": benchmark.compile_cost(eager, slower), "timed": "cold"})
-    assert note == ["- compilation, timed cold, once per process and input shape: training 10 s, repaid after 20 "
-                    "steps of 64 images; sdedit 10 s, never repaid (not faster)"]
+    note = benchmark.compile_notes(
+        {
+            "train_steps": benchmark.compile_cost(eager, compiled),
+            "sdedit_calls": benchmark.compile_cost(eager, slower),
+            "timed": "cold",
+        }
+    )
+    assert note == [
+        "- compilation, timed cold, once per process and input shape: training 10 s, repaid after 20 "
+        "steps of 64 images; sdedit 10 s, never repaid (not faster)"
+    ]

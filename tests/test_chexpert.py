@@ -49,8 +49,10 @@ def test_both_prefixes_counts_and_batch(tree):
     assert dm.root == tree
     frontal = sum(e[3] == "Frontal" for e in CHEXPERT_TRAIN)
     assert len(dm.dataset("train")) + len(dm.dataset("val")) == frontal
-    assert dm.dataset("test").ids == ["valid/patient64541/study1/view1_frontal.jpg",
-                                      "valid/patient64542/study1/view1_frontal.jpg"]
+    assert dm.dataset("test").ids == [
+        "valid/patient64541/study1/view1_frontal.jpg",
+        "valid/patient64542/study1/view1_frontal.jpg",
+    ]
     assert all(("lateral" not in i) and (tree / i).is_file() for d in dm.datasets.values() for i in d.ids)
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 1, 16, 16) and -1 <= batch["image"].min() < batch["image"].max() <= 1

@@ -81,6 +81,7 @@ def test_label_mask_leaves_masked_entries_out_of_the_loss():
     label_mask = torch.tensor([[1.0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log outside a Trainer
+
         def loss(lab: torch.Tensor) -> torch.Tensor:
             return model._common_step({"image": images, "label": lab, "label_mask": label_mask}, "val")
 

@@ -26,8 +26,10 @@ SAMPLING = ("attribution", "evaluate", "induction")
 CHECKPOINT_SAMPLING = compose("train").model.sampling
 #: `experiment=smoke` shrinks the CPU model's widths as lists whose length is the CPU model's depth; the GPU model
 #: has more levels, so it is shrunk to the same widths at its own depth
-SHRINK = {"cpu": [], "gpu": ["model.autoencoder.network.block_out_channels=[8,8,8,8]",
-                             "model.unet.block_out_channels=[32,32,32]"]}
+SHRINK = {
+    "cpu": [],
+    "gpu": ["model.autoencoder.network.block_out_channels=[8,8,8,8]", "model.unet.block_out_channels=[32,32,32]"],
+}
 
 
 def test_every_entry_point_is_tested():
@@ -52,8 +54,11 @@ def test_smoke_experiment_composes_with_every_data_config(choice):
 def data_roots(tmp_path_factory) -> dict[str, list[str]]:
     """The overrides that point each data config at a dataset on disk (small copies of the real layouts)."""
     base = tmp_path_factory.mktemp("datasets")
-    return {"synthetic": [], "covid_radiography": [f"data.root={make_covid_tree(base)}"],
-            "chexpert": [f"data.root={make_chexpert_tree(base)}"]}
+    return {
+        "synthetic": [],
+        "covid_radiography": [f"data.root={make_covid_tree(base)}"],
+        "chexpert": [f"data.root={make_chexpert_tree(base)}"],
+    }
 
 
 @pytest.mark.parametrize("data", choices("data"))
@@ -94,8 +99,11 @@ def test_every_training_entry_point_instantiates_every_model_choice(name, model,
         module = AutoencoderModule(**OmegaConf.to_container(cfg.model.autoencoder), total_steps=cfg.trainer.max_steps)
         assert module.reconstruct(batch["image"]).shape == (2, 1, size, size)
     elif name == "train_classifier":
-        module = FindingClassifier(finding_names=list(datamodule.finding_names), total_steps=cfg.trainer.max_steps,
-                                   **OmegaConf.to_container(cfg.model.classifier))
+        module = FindingClassifier(
+            finding_names=list(datamodule.finding_names),
+            total_steps=cfg.trainer.max_steps,
+            **OmegaConf.to_container(cfg.model.classifier),
+        )
         assert module.eval()(batch["image"]).shape == (2, len(datamodule.finding_names) + 1)
     else:  # stage 2, on a VAE exported from this model config's autoencoder (as stage 1 would export it)
         vae = AutoencoderKL(**OmegaConf.to_container(cfg.model.autoencoder.network))
@@ -122,8 +130,12 @@ def test_every_model_config_builds_its_full_size_networks(model):
     factor = 2 ** (len(cfg.autoencoder.network.block_out_channels) - 1)
     latent_size = 2 ** len(cfg.unet.block_out_channels)  # a small latent the UNet's levels halve to 2 x 2
     images = torch.rand(1, 1, latent_size * factor, latent_size * factor) * 2 - 1
-    unet = UNet2DConditionModel(**OmegaConf.to_container(cfg.unet), in_channels=vae.config.latent_channels,
-                                out_channels=vae.config.latent_channels, cross_attention_dim=384).eval()
+    unet = UNet2DConditionModel(
+        **OmegaConf.to_container(cfg.unet),
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        cross_attention_dim=384,
+    ).eval()
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mode()
         assert latents.shape == (1, vae.config.latent_channels, latent_size, latent_size)
@@ -188,13 +200,18 @@ def build_settings(name: str, cfg: DictConfig) -> dict:
         built["samples"] = SampleGridLogger(**callbacks.samples)
         built["counterfactuals"] = CounterfactualGridLogger(**block(callbacks.counterfactuals))
         built["generation_metrics"] = GenerationMetricsLogger(**block(callbacks.generation_metrics))
-        grid = {k: v for k, v in block(callbacks.counterfactuals).items()
-                if k not in ("every_n_validations", "num_images", "seed", "attribution_sigma")}
+        grid = {
+            k: v
+            for k, v in block(callbacks.counterfactuals).items()
+            if k not in ("every_n_validations", "num_images", "seed", "attribution_sigma")
+        }
         built["counterfactuals/settings"] = counterfactual_settings(defaults=defaults, **grid)
         built["generation_metrics/generation"] = SamplingSettings.build(
-            defaults, **block(callbacks.generation_metrics.generation))
+            defaults, **block(callbacks.generation_metrics.generation)
+        )
         built["generation_metrics/counterfactual"] = counterfactual_settings(
-            defaults=defaults, **block(callbacks.generation_metrics.counterfactual))
+            defaults=defaults, **block(callbacks.generation_metrics.counterfactual)
+        )
     elif name == "train_autoencoder":
         built["reconstructions"] = ReconstructionLogger(**cfg.callbacks.reconstructions)
     elif name == "evaluate":
@@ -223,14 +240,32 @@ def build_settings(name: str, cfg: DictConfig) -> dict:
 
 
 EXPECTED_SETTINGS = {
-    "train": {"samples", "counterfactuals", "generation_metrics", "counterfactuals/settings",
-              "generation_metrics/generation", "generation_metrics/counterfactual"},
-    "train_autoencoder": {"reconstructions"}, "train_classifier": set(), "evaluate": {"generation", "counterfactual"},
-    "attribution": {"sdedit", "inversion"}, "induction": {"induction", "region"}, "benchmark": {"sdedit", "inversion"},
+    "train": {
+        "samples",
+        "counterfactuals",
+        "generation_metrics",
+        "counterfactuals/settings",
+        "generation_metrics/generation",
+        "generation_metrics/counterfactual",
+    },
+    "train_autoencoder": {"reconstructions"},
+    "train_classifier": set(),
+    "evaluate": {"generation", "counterfactual"},
+    "attribution": {"sdedit", "inversion"},
+    "induction": {"induction", "region"},
+    "benchmark": {"sdedit", "inversion"},
 }
 #: the entries of EXPECTED_SETTINGS that are settings objects (the rest are callbacks and the induction region)
-SETTINGS_KEYS = {"counterfactuals/settings", "generation_metrics/generation", "generation_metrics/counterfactual",
-                 "generation", "counterfactual", "sdedit", "inversion", "induction"}
+SETTINGS_KEYS = {
+    "counterfactuals/settings",
+    "generation_metrics/generation",
+    "generation_metrics/counterfactual",
+    "generation",
+    "counterfactual",
+    "sdedit",
+    "inversion",
+    "induction",
+}
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)
@@ -257,20 +292,23 @@ def test_null_settings_take_the_checkpoint_defaults_and_given_ones_win():
     assert attribution["sdedit"].asdict() == {"num_inference_steps": 50, "guidance_scale": 20.0, "strength": 0.1}
 
 
-@pytest.mark.parametrize("name, override, message", [
-    ("train", "callbacks.counterfactuals.strength=0", "strength must be in"),
-    ("train", "callbacks.generation_metrics.generation.guidance_scale=-1", "guidance_scale must be"),
-    ("train", "callbacks.generation_metrics.counterfactual.method=magic", "unknown counterfactual method"),
-    ("evaluate", "generation.num_inference_steps=0", "num_inference_steps must be"),
-    ("evaluate", "counterfactual.strength=2", "strength must be in"),
-    ("attribution", "sdedit.strength=0.01", "runs no denoising step"),
-    ("attribution", "tune.inversion.inversion_depth=[0.5,0]", "inversion_depth must be in"),
-    ("attribution", "map.kind=signedd", "unknown map kind"),
-    ("induction", "induction.feather=-1", "feather must be"),
-    ("induction", "induction.paste=maybe", "paste must be true or false"),
-    ("induction", "zone=left-basal", "unknown zone"),
-    ("benchmark", "counterfactual.inversion.inversion_depth=0", "inversion_depth must be in"),
-])
+@pytest.mark.parametrize(
+    "name, override, message",
+    [
+        ("train", "callbacks.counterfactuals.strength=0", "strength must be in"),
+        ("train", "callbacks.generation_metrics.generation.guidance_scale=-1", "guidance_scale must be"),
+        ("train", "callbacks.generation_metrics.counterfactual.method=magic", "unknown counterfactual method"),
+        ("evaluate", "generation.num_inference_steps=0", "num_inference_steps must be"),
+        ("evaluate", "counterfactual.strength=2", "strength must be in"),
+        ("attribution", "sdedit.strength=0.01", "runs no denoising step"),
+        ("attribution", "tune.inversion.inversion_depth=[0.5,0]", "inversion_depth must be in"),
+        ("attribution", "map.kind=signedd", "unknown map kind"),
+        ("induction", "induction.feather=-1", "feather must be"),
+        ("induction", "induction.paste=maybe", "paste must be true or false"),
+        ("induction", "zone=left-basal", "unknown zone"),
+        ("benchmark", "counterfactual.inversion.inversion_depth=0", "inversion_depth must be in"),
+    ],
+)
 def test_a_bad_settings_value_fails_before_any_model_loads(name, override, message):
     with pytest.raises(ValueError, match=message):
         build_settings(name, compose(name, [override]))
@@ -280,11 +318,13 @@ def test_a_counterfactual_block_serves_either_method():
     """One block holds both fractions: the chosen method's applies, the other is ignored (even out of range)."""
     from lightning_modules.settings import InversionSettings, SDEditSettings
 
-    sdedit = build_settings("evaluate", compose("evaluate", ["counterfactual.inversion_depth=1.5",
-                                                             "counterfactual.strength=0.3"]))["counterfactual"]
+    sdedit = build_settings(
+        "evaluate", compose("evaluate", ["counterfactual.inversion_depth=1.5", "counterfactual.strength=0.3"])
+    )["counterfactual"]
     assert isinstance(sdedit, SDEditSettings) and sdedit.strength == 0.3
-    inversion = build_settings("evaluate", compose("evaluate", ["counterfactual.method=inversion",
-                                                                "counterfactual.strength=7"]))["counterfactual"]
+    inversion = build_settings(
+        "evaluate", compose("evaluate", ["counterfactual.method=inversion", "counterfactual.strength=7"])
+    )["counterfactual"]
     assert isinstance(inversion, InversionSettings) and inversion.inversion_depth == InversionSettings.inversion_depth
 
 
@@ -295,13 +335,19 @@ def test_overrides_apply_and_experiment_shrinks():
     assert cfg.data.batch_size == 8 and cfg.experiment == "smoke"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data=imagenet", "unknown data 'imagenet'; valid choices: .*synthetic"),
-    ("experiment=nope", "unknown experiment 'nope'; valid choices: .*smoke"),
-    ("model.unet.channelz=3", "unknown key 'model.unet.channelz'; valid keys at 'model.unet': .*block_out_channels"),
-    ("learning_rate=1", "unknown key 'learning_rate'; valid keys at the top level"),
-    ("seed", "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data=imagenet", "unknown data 'imagenet'; valid choices: .*synthetic"),
+        ("experiment=nope", "unknown experiment 'nope'; valid choices: .*smoke"),
+        (
+            "model.unet.channelz=3",
+            "unknown key 'model.unet.channelz'; valid keys at 'model.unet': .*block_out_channels",
+        ),
+        ("learning_rate=1", "unknown key 'learning_rate'; valid keys at the top level"),
+        ("seed", "not of the form key=value"),
+    ],
+)
 def test_unknown_choices_and_keys_name_the_valid_ones(override, message):
     with pytest.raises(ConfigError, match=message):
         compose("train", [override])

@@ -24,23 +24,44 @@ ALL = ["sdedit", "inversion", "mean_healthy", "reconstruction", "diffedit", "sal
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     """Smoke-sized VAE, latent diffusion model and classifier, trained for two steps each (no validation)."""
     logs = tmp_path_factory.mktemp("logs")
-    short = ["experiment=smoke", f"log_dir={logs}", "trainer.max_steps=2", "trainer.limit_val_batches=0",
-             "data.num_train=16"]
+    short = [
+        "experiment=smoke",
+        f"log_dir={logs}",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=0",
+        "data.num_train=16",
+    ]
     vae = train_autoencoder.main(short)
     train.main([*short, f"model.vae.path={vae}"])
-    return {"checkpoint": str(logs / "ldm" / "checkpoints" / "last.ckpt"),
-            "classifier_checkpoint": str(train_classifier.main(short))}
+    return {
+        "checkpoint": str(logs / "ldm" / "checkpoints" / "last.ckpt"),
+        "classifier_checkpoint": str(train_classifier.main(short)),
+    }
 
 
 def run(checkpoints: dict, out: Path, *overrides: str) -> dict:
     """The script at 2 inference steps, 2 DiffEdit draws, on a 4-image synthetic test split (2 healthy) by default."""
-    return counterfactual_attribution.main([
-        "experiment=smoke", f"checkpoint={checkpoints['checkpoint']}",
-        f"classifier_checkpoint={checkpoints['classifier_checkpoint']}", f"output_dir={out}", "progress=false",
-        "data.num_train=24", "data.num_val=6", "data.num_test=4", "batch_size=2",
-        "sdedit.num_inference_steps=2", "sdedit.strength=0.5", "inversion.num_inference_steps=2",
-        "baselines.diffedit.num_inference_steps=2", "baselines.diffedit.strength=0.5",
-        "baselines.diffedit.num_maps=2", "baselines.mean_healthy.num_images=4", *overrides])
+    return counterfactual_attribution.main(
+        [
+            "experiment=smoke",
+            f"checkpoint={checkpoints['checkpoint']}",
+            f"classifier_checkpoint={checkpoints['classifier_checkpoint']}",
+            f"output_dir={out}",
+            "progress=false",
+            "data.num_train=24",
+            "data.num_val=6",
+            "data.num_test=4",
+            "batch_size=2",
+            "sdedit.num_inference_steps=2",
+            "sdedit.strength=0.5",
+            "inversion.num_inference_steps=2",
+            "baselines.diffedit.num_inference_steps=2",
+            "baselines.diffedit.strength=0.5",
+            "baselines.diffedit.num_maps=2",
+            "baselines.mean_healthy.num_images=4",
+            *overrides,
+        ]
+    )
 
 
 def test_split_with_masks_writes_metrics_for_every_method(checkpoints, tmp_path):
@@ -91,9 +112,9 @@ def undecodable_png(seed: int) -> bytes:
     """A PNG whose signature and end pass the header scan but whose pixel data is scrambled: it fails to decode."""
     data = encode(gray(64, 64, seed=seed))
     start = data.index(b"IDAT") + 4
-    length = int.from_bytes(data[start - 8:start - 4], "big")
+    length = int.from_bytes(data[start - 8 : start - 4], "big")
     mid = start + length // 4
-    return data[:mid] + bytes(b ^ 0x5A for b in data[mid:mid + length // 2]) + data[mid + length // 2:]
+    return data[:mid] + bytes(b ^ 0x5A for b in data[mid : mid + length // 2]) + data[mid + length // 2 :]
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +126,10 @@ def folder_runs(checkpoints, folder, tmp_path_factory) -> list[tuple[Path, dict]
     for k in (1, 2):
         write(copy / f"a_bad{k}.png", undecodable_png(k))
     outs = [tmp_path_factory.mktemp(f"folder{k}") for k in range(2)]
-    return [(out, run(checkpoints, out, f"input={path}", "methods=[sdedit,inversion,diffedit]"))
-            for out, path in zip(outs, (folder, copy), strict=True)]
+    return [
+        (out, run(checkpoints, out, f"input={path}", "methods=[sdedit,inversion,diffedit]"))
+        for out, path in zip(outs, (folder, copy), strict=True)
+    ]
 
 
 def test_folder_with_a_corrupt_file_and_a_16_bit_rgba_png(folder_runs):
@@ -131,8 +154,9 @@ def test_same_seed_same_bytes_and_an_unreadable_batch_takes_no_seed(folder_runs)
     outputs = [f for f in files if f.suffix != ".csv"]
     assert [f for f in outputs if (first / f).read_bytes() != (second / f).read_bytes()] == []
     rows = [list(csv.DictReader(open(out / "results.csv"))) for out in (first, second)]
-    assert [{k: v for k, v in r.items() if k != "path"} for r in rows[0]] == \
-        [{k: v for k, v in r.items() if k != "path"} for r in rows[1]]
+    assert [{k: v for k, v in r.items() if k != "path"} for r in rows[0]] == [
+        {k: v for k, v in r.items() if k != "path"} for r in rows[1]
+    ]
     skipped = [Path(r["path"]).name for r in csv.DictReader(open(second / "skipped.csv"))]
     assert sorted(skipped[:2]) == ["notes.png", "truncated.jpg"]  # the header scan's, then the decoder's
     assert skipped[2:] == ["a_bad1.png", "a_bad2.png"] and len(result["skipped"]) == 4
@@ -142,22 +166,26 @@ def test_same_seed_same_bytes_and_an_unreadable_batch_takes_no_seed(folder_runs)
 def fake_checkpoint(tmp_path) -> Path:
     """Only the hyper-parameters the run reads before it loads a model: the image size, the sampling defaults."""
     path = tmp_path / "fake.ckpt"
-    torch.save({"hyper_parameters": {"image_size": 64, "sampling": {"num_inference_steps": 5,
-                                                                    "guidance_scale": 3.0}}}, path)
+    torch.save(
+        {"hyper_parameters": {"image_size": 64, "sampling": {"num_inference_steps": 5, "guidance_scale": 3.0}}}, path
+    )
     return path
 
 
-@pytest.mark.parametrize("override, message", [
-    ("input=/no/such/folder", "input: no such file or folder: /no/such/folder"),
-    ("map.kind=signed", "bad configuration:\n  map.kind must be one of"),
-    ("methods=[sdedit,gradcam]", "methods: unknown 'gradcam'"),
-    ("tune.split=test", "never tuned on the test split"),
-    ("sdedit.num_inference_steps=5", "sdedit: strength 0.1 of 5 steps runs no denoising step"),
-    ("sdedit.num_inference_steps=null", "sdedit: strength 0.1 of 5 steps"),  # the checkpoint's 5 steps
-    ("baselines.diffedit.num_maps=0", "baselines.diffedit: num_maps must be an integer >= 1"),
-    ("baselines.reconstruction.method=mean_healthy", "baselines.reconstruction: method must be one of"),
-    ("tune.inversion.inversion_depth=[0.5,1.5]", "inversion: inversion_depth must be in"),  # every grid point
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("input=/no/such/folder", "input: no such file or folder: /no/such/folder"),
+        ("map.kind=signed", "bad configuration:\n  map.kind must be one of"),
+        ("methods=[sdedit,gradcam]", "methods: unknown 'gradcam'"),
+        ("tune.split=test", "never tuned on the test split"),
+        ("sdedit.num_inference_steps=5", "sdedit: strength 0.1 of 5 steps runs no denoising step"),
+        ("sdedit.num_inference_steps=null", "sdedit: strength 0.1 of 5 steps"),  # the checkpoint's 5 steps
+        ("baselines.diffedit.num_maps=0", "baselines.diffedit: num_maps must be an integer >= 1"),
+        ("baselines.reconstruction.method=mean_healthy", "baselines.reconstruction: method must be one of"),
+        ("tune.inversion.inversion_depth=[0.5,1.5]", "inversion: inversion_depth must be in"),  # every grid point
+    ],
+)
 def test_bad_requests_fail_before_any_model_is_loaded(fake_checkpoint, monkeypatch, override, message):
     monkeypatch.setattr(LatentDiffusionPipeline, "from_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
     overrides = [f"checkpoint={fake_checkpoint}", override] + (["tune.enabled=true"] if "tune" in override else [])
@@ -168,6 +196,7 @@ def test_bad_requests_fail_before_any_model_is_loaded(fake_checkpoint, monkeypat
 
 def test_a_good_request_reaches_the_model(fake_checkpoint, monkeypatch):
     """The counterpart of the above: the same fake checkpoint, no bad value, and the run goes on to load the model."""
+
     class Loaded(Exception):
         pass
 
@@ -176,14 +205,29 @@ def test_a_good_request_reaches_the_model(fake_checkpoint, monkeypatch):
 
     monkeypatch.setattr(LatentDiffusionPipeline, "from_checkpoint", load)
     with pytest.raises(Loaded):
-        counterfactual_attribution.main([f"checkpoint={fake_checkpoint}", "sdedit.num_inference_steps=10",
-                                         "num_images=1", "data.num_test=2", "data.num_train=4"])
+        counterfactual_attribution.main(
+            [
+                f"checkpoint={fake_checkpoint}",
+                "sdedit.num_inference_steps=10",
+                "num_images=1",
+                "data.num_test=2",
+                "data.num_train=4",
+            ]
+        )
 
 
 def test_tuning_searches_the_validation_split(checkpoints, tmp_path):
-    report = run(checkpoints, tmp_path, "tune.enabled=true", "methods=[inversion]",
-                 "tune.num_images=4", "tune.inversion.inversion_depth=[0.5,1.0]", "tune.inversion.guidance_scale=[3.0]",
-                 "tune.map.kind=[positive]", "tune.map.sigma=[0.0,1.0]")
+    report = run(
+        checkpoints,
+        tmp_path,
+        "tune.enabled=true",
+        "methods=[inversion]",
+        "tune.num_images=4",
+        "tune.inversion.inversion_depth=[0.5,1.0]",
+        "tune.inversion.guidance_scale=[3.0]",
+        "tune.map.kind=[positive]",
+        "tune.map.sigma=[0.0,1.0]",
+    )
     assert report["split"] == "val" and report["images"] == 4  # the first 4 val phantoms are all abnormal
     assert len(report["trials"]) == 4  # 2 depths x 1 guidance x 1 kind x 2 sigmas
     best = report["best"]["inversion"]

@@ -22,10 +22,20 @@ def test_report_collects_timings_tables_and_induction_means(tmp_path):
     (tmp_path / "evaluation" / "metrics.md").write_text("# title line dropped\n\n| Class | n |\n|---|---|\n")
     run = tmp_path / "induction" / "effusion"
     run.mkdir(parents=True)
-    run.joinpath("metrics.json").write_text(json.dumps({
-        "prompt": "small left pleural effusion", "per_sample": [{}] * 6, "inside_fraction": 1.0,
-        "ssim_outside": 0.98765, "classifier_prob_before": 0.1, "classifier_prob_after": 0.4,
-        "classifier_rise_fraction": 5 / 6, "edit_inside_fraction": None}))
+    run.joinpath("metrics.json").write_text(
+        json.dumps(
+            {
+                "prompt": "small left pleural effusion",
+                "per_sample": [{}] * 6,
+                "inside_fraction": 1.0,
+                "ssim_outside": 0.98765,
+                "classifier_prob_before": 0.1,
+                "classifier_prob_after": 0.4,
+                "classifier_rise_fraction": 5 / 6,
+                "edit_inside_fraction": None,
+            }
+        )
+    )
 
     results = tmp_path / "docs" / "results.md"
     text = demo_report.main([str(tmp_path), "--results", str(results)])

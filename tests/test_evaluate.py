@@ -28,9 +28,17 @@ def run(tmp_path_factory, tiny_vae_dir):
     """A smoke training run of 2 steps with a validation after each, and a classifier for fid_domain."""
     log_dir = tmp_path_factory.mktemp("logs")
     classifier = classifier_checkpoint(log_dir / "classifier.ckpt", FINDINGS)
-    train.main(["experiment=smoke", f"log_dir={log_dir}", f"model.vae.path={tiny_vae_dir}", "trainer.max_steps=2",
-                "trainer.val_check_interval=1", "callbacks.samples.samples_per_prompt=1",
-                f"callbacks.generation_metrics.classifier_checkpoint={classifier}"])
+    train.main(
+        [
+            "experiment=smoke",
+            f"log_dir={log_dir}",
+            f"model.vae.path={tiny_vae_dir}",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=1",
+            "callbacks.samples.samples_per_prompt=1",
+            f"callbacks.generation_metrics.classifier_checkpoint={classifier}",
+        ]
+    )
     return log_dir, classifier
 
 
@@ -42,8 +50,11 @@ def test_training_logs_grids_generation_metrics_and_hparams(run):
     assert [g.step for g in grids] == [1, 2]  # every validation, not the sanity check
     assert (grids[0].height - 2) // (64 + 2) == 4  # input, counterfactual, attribution, lesion mask rows
     scalars = set(events.Tags()["scalars"])
-    expected = {f"generation/{pair}/{name}" for pair in ("generated", "counterfactual")
-                for name in ("ssim", "ms_ssim", "fid_domain")}
+    expected = {
+        f"generation/{pair}/{name}"
+        for pair in ("generated", "counterfactual")
+        for name in ("ssim", "ms_ssim", "fid_domain")
+    }
     assert expected <= scalars
     assert len(events.Scalars("generation/counterfactual/ssim")) == 1  # every 2nd validation
     assert 0.0 <= events.Scalars("generation/generated/ms_ssim")[0].value <= 1.0
@@ -54,8 +65,15 @@ def test_training_logs_grids_generation_metrics_and_hparams(run):
 def test_evaluate_writes_the_per_class_table_with_its_settings(run, tmp_path, capsys):
     log_dir, classifier = run
     checkpoint = log_dir / "ldm" / "checkpoints" / "last.ckpt"
-    report = evaluate.main([f"checkpoint={checkpoint}", f"classifier_checkpoint={classifier}",
-                            f"output_dir={tmp_path}", *FAST, "generation.guidance_scale=6"])
+    report = evaluate.main(
+        [
+            f"checkpoint={checkpoint}",
+            f"classifier_checkpoint={classifier}",
+            f"output_dir={tmp_path}",
+            *FAST,
+            "generation.guidance_scale=6",
+        ]
+    )
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"])) and saved["num_images"] == 8
     results = saved["results"]
@@ -69,11 +87,18 @@ def test_evaluate_writes_the_per_class_table_with_its_settings(run, tmp_path, ca
     settings = saved["settings"]  # as resolved: null -> the checkpoint's steps and guidance, else the given value
     sampling = read_hparams(checkpoint)["sampling"]
     assert sampling["num_inference_steps"] == 2 and sampling["guidance_scale"] not in (6.0, 3.0)
-    assert settings["generated"] == {"num_inference_steps": 2, "guidance_scale": 6.0,
-                                     "prompts": "each real image's own prompt"}
-    assert settings["counterfactual"] == {"method": "sdedit", "num_inference_steps": 2,
-                                          "guidance_scale": sampling["guidance_scale"], "strength": 0.5,
-                                          "target_prompt": SyntheticCXRDataModule().normal_prompt}
+    assert settings["generated"] == {
+        "num_inference_steps": 2,
+        "guidance_scale": 6.0,
+        "prompts": "each real image's own prompt",
+    }
+    assert settings["counterfactual"] == {
+        "method": "sdedit",
+        "num_inference_steps": 2,
+        "guidance_scale": sampling["guidance_scale"],
+        "strength": 0.5,
+        "target_prompt": SyntheticCXRDataModule().normal_prompt,
+    }
     assert settings["ms_ssim"]["scales"] == 3 and "fid_domain" in settings["fid_extractors"]
 
     table = (tmp_path / "metrics.md").read_text()
@@ -96,8 +121,15 @@ def test_evaluate_writes_the_per_class_table_with_its_settings(run, tmp_path, ca
 
 def test_evaluate_without_a_classifier_skips_prompt_fidelity_with_a_note(run, tmp_path):
     log_dir, _ = run
-    report = evaluate.main([f"checkpoint={log_dir / 'ldm' / 'checkpoints' / 'last.ckpt'}", f"output_dir={tmp_path}",
-                            f"classifier_checkpoint={tmp_path / 'none.ckpt'}", *FAST, "num_images=2"])
+    report = evaluate.main(
+        [
+            f"checkpoint={log_dir / 'ldm' / 'checkpoints' / 'last.ckpt'}",
+            f"output_dir={tmp_path}",
+            f"classifier_checkpoint={tmp_path / 'none.ckpt'}",
+            *FAST,
+            "num_images=2",
+        ]
+    )
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert "prompt_fidelity" in saved and saved["prompt_fidelity"] is None
     assert f"prompt_fidelity skipped: no classifier checkpoint at {tmp_path / 'none.ckpt'}" in report["notes"][-1]
@@ -109,20 +141,36 @@ def test_evaluate_with_a_classifier_of_other_findings_keeps_fid_domain_and_skips
     judge prompts naming findings it never learned."""
     log_dir, _ = run
     other = classifier_checkpoint(tmp_path / "other.ckpt", ("COVID", "Lung_Opacity"))
-    report = evaluate.main([f"checkpoint={log_dir / 'ldm' / 'checkpoints' / 'last.ckpt'}", f"output_dir={tmp_path}",
-                            f"classifier_checkpoint={other}", *FAST, "num_images=2"])
+    report = evaluate.main(
+        [
+            f"checkpoint={log_dir / 'ldm' / 'checkpoints' / 'last.ckpt'}",
+            f"output_dir={tmp_path}",
+            f"classifier_checkpoint={other}",
+            *FAST,
+            "num_images=2",
+        ]
+    )
     assert report["prompt_fidelity"] is None
     assert report["results"]["overall"]["generated"]["fid_domain"] is not None
-    assert "prompt_fidelity skipped: classifier_checkpoint was not trained on this data's findings (unknown finding " \
-           "'nodule'" in report["notes"][-1]
+    assert (
+        "prompt_fidelity skipped: classifier_checkpoint was not trained on this data's findings (unknown finding "
+        "'nodule'" in report["notes"][-1]
+    )
 
 
 def test_prompt_fidelity_compares_each_prompt_with_its_reference():
     """Hand-made scores: per finding, p(f) on images naming f vs on normal ones; for Normal, p(abnormal)."""
     names = ("nodule", "effusion", "mass")
     labels = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 0]]).float()
-    generated = torch.tensor([  # p(nodule), p(effusion), p(mass), p(abnormal)
-        [0.9, 0.1, 0.2, 0.8], [0.2, 0.3, 0.1, 0.3], [0.5, 0.1, 0.3, 0.6], [0.4, 0.7, 0.2, 0.9], [0.1, 0.2, 0.2, 0.4]])
+    generated = torch.tensor(
+        [  # p(nodule), p(effusion), p(mass), p(abnormal)
+            [0.9, 0.1, 0.2, 0.8],
+            [0.2, 0.3, 0.1, 0.3],
+            [0.5, 0.1, 0.3, 0.6],
+            [0.4, 0.7, 0.2, 0.9],
+            [0.1, 0.2, 0.2, 0.4],
+        ]
+    )
     real = torch.cat([labels, labels.amax(1, keepdim=True)], 1) * 0.6 + 0.2  # separates every set perfectly
     fidelity = prompt_fidelity({"generated": generated, "real": real}, labels, names)
 
@@ -150,28 +198,40 @@ def test_each_image_gets_the_same_noise_whatever_its_batch(tiny_pipeline):
     pipeline = tiny_pipeline
     dataset = SyntheticCXRDataModule(num_val=4).dataset("val")
     batch = default_collate([dataset[i] for i in range(4)])
-    settings = dict(generation=SamplingSettings(num_inference_steps=2, guidance_scale=3.0),
-                    counterfactual=SDEditSettings(num_inference_steps=2, strength=0.5), seed=3)
+    settings = dict(
+        generation=SamplingSettings(num_inference_steps=2, guidance_scale=3.0),
+        counterfactual=SDEditSettings(num_inference_steps=2, strength=0.5),
+        seed=3,
+    )
     whole = evaluation_images(pipeline, batch, **settings)
-    reversed_halves = [evaluation_images(pipeline, {k: v[part] for k, v in batch.items()}, **settings)
-                       for part in (slice(2, 4), slice(0, 2))]
+    reversed_halves = [
+        evaluation_images(pipeline, {k: v[part] for k, v in batch.items()}, **settings)
+        for part in (slice(2, 4), slice(0, 2))
+    ]
     for pair in ("generated", "counterfactual"):
-        torch.testing.assert_close(torch.cat([h[pair] for h in reversed_halves[::-1]]), whole[pair],
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.cat([h[pair] for h in reversed_halves[::-1]]), whole[pair], atol=1e-5, rtol=1e-4
+        )
     assert not torch.allclose(whole["generated"][0], whole["generated"][1], atol=1e-3)  # yet each its own noise
 
 
-@pytest.mark.parametrize("override, message", [
-    ("checkpoint=/nonexistent/last.ckpt", "checkpoint: no file at /nonexistent/last.ckpt"),
-    ("counterfactual.method=paint", "counterfactual: unknown counterfactual method 'paint'; valid: sdedit, inversion"),
-    ("counterfactual.strength=1.5", "counterfactual: strength must be in \\(0, 1\\]"),
-    ("counterfactual.inversion_depth=0.01", None),  # sdedit ignores the inversion depth: no error, the run goes on
-    ("generation.guidance_scale=-1", "generation: guidance_scale must be a number >= 0"),
-    ("generation.num_inference_steps=0", "generation: num_inference_steps must be an integer >= 1"),
-    ("split=holdout", "split 'holdout'"),
-    ("num_images=0", "num_images \\(or null\\) and batch_size must be >= 1"),
-    ("fid.inception=true", "weights-inception-2015-12-05-6726825d.pth"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint=/nonexistent/last.ckpt", "checkpoint: no file at /nonexistent/last.ckpt"),
+        (
+            "counterfactual.method=paint",
+            "counterfactual: unknown counterfactual method 'paint'; valid: sdedit, inversion",
+        ),
+        ("counterfactual.strength=1.5", "counterfactual: strength must be in \\(0, 1\\]"),
+        ("counterfactual.inversion_depth=0.01", None),  # sdedit ignores the inversion depth: no error, the run goes on
+        ("generation.guidance_scale=-1", "generation: guidance_scale must be a number >= 0"),
+        ("generation.num_inference_steps=0", "generation: num_inference_steps must be an integer >= 1"),
+        ("split=holdout", "split 'holdout'"),
+        ("num_images=0", "num_images \\(or null\\) and batch_size must be >= 1"),
+        ("fid.inception=true", "weights-inception-2015-12-05-6726825d.pth"),
+    ],
+)
 def test_bad_requests_stop_before_any_model_is_loaded(override, message, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no Inception weights there
 

@@ -69,8 +69,13 @@ def test_clashing_names_keep_their_suffix(tmp_path):
     folder = ImageFolder(tmp_path, SIZE)
     ids = dict(zip((p.relative_to(tmp_path).as_posix() for p in folder.files), folder.ids, strict=True))
     # COVID-1_PNG and COVID-1_png would still overwrite each other on a case-insensitive disk: the second gets _2
-    assert ids == {"a.png": "a_png", "a.jpg": "a_jpg", "COVID-1.PNG": "COVID-1_PNG", "COVID-1.png": "COVID-1_png_2",
-                   "sub/c.png": "sub/c"}
+    assert ids == {
+        "a.png": "a_png",
+        "a.jpg": "a_jpg",
+        "COVID-1.PNG": "COVID-1_PNG",
+        "COVID-1.png": "COVID-1_png_2",
+        "sub/c.png": "sub/c",
+    }
     assert len(folder.notes) == 2 and any("COVID-1.PNG -> COVID-1_PNG" in n for n in folder.notes)
 
 

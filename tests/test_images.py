@@ -131,8 +131,13 @@ def _dataset(tmp_path, on_bad_file="skip", random_prompt=False):
     write(tmp_path / "1.png", encode(gray(12, 10))[:40])  # goes bad after any scan
     ids = [f"{i}.png" for i in range(4)]
     return XRayDataset(
-        tmp_path, ids, np.eye(4, 2, dtype=np.float32), lambda i, rng: f"p{i}-{rng.integers(1000)}",
-        build_transform(8), on_bad_file=on_bad_file, random_prompt=random_prompt,
+        tmp_path,
+        ids,
+        np.eye(4, 2, dtype=np.float32),
+        lambda i, rng: f"p{i}-{rng.integers(1000)}",
+        build_transform(8),
+        on_bad_file=on_bad_file,
+        random_prompt=random_prompt,
     )
 
 

@@ -61,14 +61,26 @@ def test_induce_equals_diffusers_inpainting_with_a_plain_unet(pipeline, images, 
     settings = dict(strength=strength, num_inference_steps=3, guidance_scale=3.0)
     ours = pipeline.induce(images, regions, PROMPT, InductionSettings(**settings, paste=False), seeded(7))
     peer = StableDiffusionInpaintPipeline(
-        vae=pipeline.vae, text_encoder=None, tokenizer=None, unet=pipeline.unet, scheduler=pipeline.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=pipeline.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=pipeline.unet,
+        scheduler=pipeline.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     peer.set_progress_bar_config(disable=True)
     theirs = peer(
-        image=(images + 1) / 2, mask_image=regions, prompt_embeds=pipeline.prompt_encoder([PROMPT] * 2),
-        negative_prompt_embeds=pipeline.prompt_encoder([NULL_PROMPT] * 2), height=64, width=64,
-        generator=torch.Generator().manual_seed(7), output_type="pt", **settings,
+        image=(images + 1) / 2,
+        mask_image=regions,
+        prompt_embeds=pipeline.prompt_encoder([PROMPT] * 2),
+        negative_prompt_embeds=pipeline.prompt_encoder([NULL_PROMPT] * 2),
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(7),
+        output_type="pt",
+        **settings,
     ).images  # (B, 1, H, W) in [0, 1]
     torch.testing.assert_close((ours.images + 1) / 2, theirs, atol=1e-5, rtol=1e-4)
 
@@ -108,12 +120,15 @@ def test_latent_mask_is_binary_at_half_coverage_and_never_empty():
     assert cells[1, 0, 1, 2] == 1 and cells[1].sum() == 1
 
 
-@pytest.mark.parametrize("masks, prompt, message", [
-    (torch.zeros(2, 1, 64, 64), PROMPT, "at least one pixel"),
-    (torch.ones(2, 1, 32, 32), PROMPT, "region_masks must be"),
-    (torch.ones(1, 1, 64, 64) * 2, PROMPT, "in \\[0, 1\\]"),
-    (torch.ones(1, 1, 64, 64), "  ", "prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "masks, prompt, message",
+    [
+        (torch.zeros(2, 1, 64, 64), PROMPT, "at least one pixel"),
+        (torch.ones(2, 1, 32, 32), PROMPT, "region_masks must be"),
+        (torch.ones(1, 1, 64, 64) * 2, PROMPT, "in \\[0, 1\\]"),
+        (torch.ones(1, 1, 64, 64), "  ", "prompt is empty"),
+    ],
+)
 def test_induce_rejects_bad_regions_and_prompts(pipeline, images, masks, prompt, message):
     with pytest.raises(ValueError, match=message):
         pipeline.induce(images, masks, prompt, InductionSettings(num_inference_steps=2))
@@ -200,6 +215,7 @@ def write_checkpoint(path, sampling) -> str:
 @pytest.fixture
 def no_model(monkeypatch, tmp_path):
     """A checkpoint with sampling defaults, and a loader that fails the test if anything tries to load a model."""
+
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
@@ -208,19 +224,22 @@ def no_model(monkeypatch, tmp_path):
     return [f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'out'}"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["box=40,40,80,60"], "outside the 64x64 image"),
-    (["zone=left-bottom"], "unknown zone"),
-    (["prompt=' '"], "prompt is empty"),
-    (["finding=fracture"], "unknown finding 'fracture'"),
-    (["induction.strength=1.5"], "strength must be in \\(0, 1\\]"),
-    (["induction.strength=0.01"], "runs no denoising step"),
-    (["induction.feather=-1"], "feather must be"),
-    (["seeds=[]"], "at least one seed"),
-    (["checkpoint=/nonexistent/last.ckpt"], "checkpoint: no file at /nonexistent/last.ckpt"),
-    (["input=/nonexistent/film.png", "box=1,1,9,9"], "no such file or folder"),
-    (["input=/nonexistent/film.png"], "needs lung masks"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["box=40,40,80,60"], "outside the 64x64 image"),
+        (["zone=left-bottom"], "unknown zone"),
+        (["prompt=' '"], "prompt is empty"),
+        (["finding=fracture"], "unknown finding 'fracture'"),
+        (["induction.strength=1.5"], "strength must be in \\(0, 1\\]"),
+        (["induction.strength=0.01"], "runs no denoising step"),
+        (["induction.feather=-1"], "feather must be"),
+        (["seeds=[]"], "at least one seed"),
+        (["checkpoint=/nonexistent/last.ckpt"], "checkpoint: no file at /nonexistent/last.ckpt"),
+        (["input=/nonexistent/film.png", "box=1,1,9,9"], "no such file or folder"),
+        (["input=/nonexistent/film.png"], "needs lung masks"),
+    ],
+)
 def test_script_rejects_bad_arguments_before_loading_a_model(no_model, overrides, message):
     with pytest.raises(SystemExit, match=f"^induction: .*{message}"):
         zero_shot_induction.main([*no_model, *overrides])
@@ -236,10 +255,17 @@ def test_script_rejects_an_empty_mask_or_a_file_that_is_no_checkpoint(no_model, 
 
 
 def test_null_steps_and_guidance_are_the_checkpoints(no_model):
-    cfg = load_config("induction", [*no_model, "induction.num_inference_steps=null", "induction.guidance_scale=null",
-                                    "induction.strength=0.5", "num_images=1"])
-    assert induction.prepare(cfg).settings == InductionSettings(num_inference_steps=7, guidance_scale=2.0,
-                                                                strength=0.5)
+    cfg = load_config(
+        "induction",
+        [
+            *no_model,
+            "induction.num_inference_steps=null",
+            "induction.guidance_scale=null",
+            "induction.strength=0.5",
+            "num_images=1",
+        ],
+    )
+    assert induction.prepare(cfg).settings == InductionSettings(num_inference_steps=7, guidance_scale=2.0, strength=0.5)
 
 
 @pytest.fixture
@@ -250,17 +276,31 @@ def tiny_model(tiny_ldm, tiny_pipeline, monkeypatch, tmp_path):
 
 
 def test_script_writes_images_panels_and_metrics(tiny_model, pipeline, tmp_path):
-    metrics = zero_shot_induction.main([
-        f"checkpoint={tiny_model}", f"output_dir={tmp_path / 'out'}", "classifier_checkpoint=null", "num_images=2",
-        "batch_size=1", "seeds=[0,1]", "induction.num_inference_steps=2", "finding=effusion", "zone=right-lower",
-        "induction.feather=1.0",
-    ])
+    metrics = zero_shot_induction.main(
+        [
+            f"checkpoint={tiny_model}",
+            f"output_dir={tmp_path / 'out'}",
+            "classifier_checkpoint=null",
+            "num_images=2",
+            "batch_size=1",
+            "seeds=[0,1]",
+            "induction.num_inference_steps=2",
+            "finding=effusion",
+            "zone=right-lower",
+            "induction.feather=1.0",
+        ]
+    )
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["prompt"] == "right pleural effusion" and len(saved["per_sample"]) == 4
     assert 0.0 < saved["inside_fraction"] <= 1.0 and 0.0 < saved["ssim_outside"] <= 1.0
     assert saved["classifier_prob_before"] is None and metrics["inside_fraction"] == saved["inside_fraction"]
-    assert saved["settings"] == {"num_inference_steps": 2, "guidance_scale": 5.0, "strength": 1.0, "feather": 1.0,
-                                 "paste": True}
+    assert saved["settings"] == {
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "strength": 1.0,
+        "feather": 1.0,
+        "paste": True,
+    }
     ids = list(dict.fromkeys(r["id"] for r in saved["per_sample"]))
     assert len(ids) == 2
     for name in ids:
@@ -271,11 +311,25 @@ def test_script_writes_images_panels_and_metrics(tiny_model, pipeline, tmp_path)
             assert difference.shape == (64, 64) and np.abs(difference).max() > 0
 
     # each (seed, batch) draws from torch.Generator("cpu").manual_seed(seed): the second image, seed 1, again
-    cfg = load_config("induction", [f"checkpoint={tiny_model}", "num_images=2", "finding=effusion",
-                                    "zone=right-lower", "induction.num_inference_steps=2", "induction.feather=1.0"])
+    cfg = load_config(
+        "induction",
+        [
+            f"checkpoint={tiny_model}",
+            "num_images=2",
+            "finding=effusion",
+            "zone=right-lower",
+            "induction.num_inference_steps=2",
+            "induction.feather=1.0",
+        ],
+    )
     request = induction.prepare(cfg)
-    again = pipeline.induce(request.inputs.images[1:2], request.inputs.regions[1:2].float(), request.prompt,
-                            request.settings, torch.Generator("cpu").manual_seed(1)).images
+    again = pipeline.induce(
+        request.inputs.images[1:2],
+        request.inputs.regions[1:2].float(),
+        request.prompt,
+        request.settings,
+        torch.Generator("cpu").manual_seed(1),
+    ).images
     expected = ((again[0, 0] + 1) / 2 - (request.inputs.images[1, 0] + 1) / 2).numpy()
     saved_difference = np.load(tmp_path / "out" / "difference" / f"{request.inputs.ids[1]}_seed1.npy")
     np.testing.assert_allclose(saved_difference, expected, atol=1e-6)
@@ -288,10 +342,17 @@ def test_script_reads_a_folder_of_images_named_by_their_paths(tiny_model, tmp_pa
     Image.fromarray(picture).save(films / "a.png")
     Image.fromarray(picture[::-1]).save(films / "ward" / "a.png")
     (films / "broken.png").write_bytes(b"not a png")
-    metrics = zero_shot_induction.main([
-        f"checkpoint={tiny_model}", f"output_dir={tmp_path / 'out'}", "classifier_checkpoint=null", f"input={films}",
-        "box=8,8,40,40", "seeds=[3]", "induction.num_inference_steps=2",
-    ])
+    metrics = zero_shot_induction.main(
+        [
+            f"checkpoint={tiny_model}",
+            f"output_dir={tmp_path / 'out'}",
+            "classifier_checkpoint=null",
+            f"input={films}",
+            "box=8,8,40,40",
+            "seeds=[3]",
+            "induction.num_inference_steps=2",
+        ]
+    )
     assert [r["id"] for r in metrics["per_sample"]] == ["a", "ward/a"]  # the broken file skipped
     for name in ("a", "ward/a"):
         assert (tmp_path / "out" / "induced" / f"{name}_seed3.png").is_file()

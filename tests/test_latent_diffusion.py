@@ -37,8 +37,9 @@ def test_the_training_step_trains_the_unet_only(make_tiny_ldm, monkeypatch):
     loss.backward()
     assert len(dropouts) == 1 and dropouts[0][1] == module.hparams.p_uncond  # the training branch ran
     assert module.unet.training and not module.vae.training and not module.prompt_encoder.model.training
-    assert all(not p.requires_grad and p.grad is None
-               for p in [*module.vae.parameters(), *module.prompt_encoder.parameters()])
+    assert all(
+        not p.requires_grad and p.grad is None for p in [*module.vae.parameters(), *module.prompt_encoder.parameters()]
+    )
     grads = [p.grad for p in module.unet.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
 
@@ -130,8 +131,9 @@ def test_checkpoint_holds_unet_and_ema_but_not_frozen_parts(make_tiny_ldm, tmp_p
 
 
 @pytest.mark.parametrize("use_ema", [True, False])
-def test_pipeline_from_checkpoint_loads_the_unet_without_the_training_module(make_tiny_ldm, tmp_path, monkeypatch,
-                                                                             use_ema):
+def test_pipeline_from_checkpoint_loads_the_unet_without_the_training_module(
+    make_tiny_ldm, tmp_path, monkeypatch, use_ema
+):
     module = make_tiny_ldm()
     _shift_ema(module, 0.01)
     path = tmp_path / "model.ckpt"
@@ -147,26 +149,36 @@ def test_pipeline_from_checkpoint_loads_the_unet_without_the_training_module(mak
         assert torch.equal(loaded, weights)
     # the frozen parts rebuilt from their paths are the ones trained on
     for name in ("vae", "prompt_encoder"):
-        for loaded, trained in zip(getattr(pipeline, name).state_dict().values(),
-                                   getattr(module, name).state_dict().values(), strict=True):
+        for loaded, trained in zip(
+            getattr(pipeline, name).state_dict().values(), getattr(module, name).state_dict().values(), strict=True
+        ):
             assert torch.equal(loaded, trained)
     assert pipeline.sampling == SamplingSettings.from_hparams(module.hparams.sampling)
     assert pipeline.normal_prompt == NORMAL_PROMPT and not pipeline.unet.training
 
     # and it samples what the module's own pipeline samples with those weights
     if not use_ema:
+
         def generate(p: LatentDiffusionPipeline) -> torch.Tensor:
             return p.generate(["nodule"], 64, 64, generator=torch.Generator().manual_seed(0))
 
         torch.testing.assert_close(generate(pipeline), generate(pipeline_of(module)))
 
 
-@pytest.mark.parametrize("change, error, message", [
-    (lambda c: c["state_dict"].update({"unet.not_a_weight": torch.zeros(1)}), RuntimeError, "unexpected.*not_a_weight"),
-    (lambda c: c["state_dict"].pop(next(iter(c["state_dict"]))), RuntimeError, "does not match.*missing"),
-    (lambda c: c["ema"]["shadow_params"].pop(), ValueError, "shorter"),
-    (lambda c: c["hyper_parameters"]["unet"].update(block_out_channels=[32, 64]), RuntimeError, "size mismatch"),
-], ids=["unexpected-weight", "missing-weight", "short-ema", "other-network"])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (
+            lambda c: c["state_dict"].update({"unet.not_a_weight": torch.zeros(1)}),
+            RuntimeError,
+            "unexpected.*not_a_weight",
+        ),
+        (lambda c: c["state_dict"].pop(next(iter(c["state_dict"]))), RuntimeError, "does not match.*missing"),
+        (lambda c: c["ema"]["shadow_params"].pop(), ValueError, "shorter"),
+        (lambda c: c["hyper_parameters"]["unet"].update(block_out_channels=[32, 64]), RuntimeError, "size mismatch"),
+    ],
+    ids=["unexpected-weight", "missing-weight", "short-ema", "other-network"],
+)
 def test_pipeline_from_checkpoint_refuses_a_mismatching_checkpoint(tiny_ldm, tmp_path, change, error, message):
     checkpoint = {"state_dict": dict(tiny_ldm.state_dict()), "hyper_parameters": dict(tiny_ldm.hparams)}
     checkpoint["hyper_parameters"]["unet"] = dict(checkpoint["hyper_parameters"]["unet"])

@@ -49,8 +49,9 @@ def test_per_finding_type_ignores_the_other_findings_pixels():
     assert result["effusion"]["auprc"] == pytest.approx(1.0)
 
     scores = LocalizationScores(["m"], FINDINGS)  # a map that ranks the nodule below background
-    scores.update("m", as_image([0.15, 0.9, 0.1, 0.2]), as_image([1, 1, 0, 0]), torch.tensor([[1.0, 1.0]]),
-                  finding_masks)
+    scores.update(
+        "m", as_image([0.15, 0.9, 0.1, 0.2]), as_image([1, 1, 0, 0]), torch.tensor([[1.0, 1.0]]), finding_masks
+    )
     assert scores.compute()["m"]["nodule"]["auprc"] == pytest.approx(1 / 2)  # ranked: 0.2 (-), 0.15 (+), 0.1 (-)
 
 
@@ -97,8 +98,13 @@ def test_counterfactual_scores_by_hand():
     counterfactuals = torch.stack([torch.full((1, 2, 2), v) for v in (0.1, 0.4, 0.2)])
     healthy = torch.full((3, 1, 2, 2), 0.3)
     scores = CounterfactualScores()
-    scores.update(images, counterfactuals, abnormal=torch.tensor([False, True, True]),
-                  p_abnormal=torch.tensor([0.9, 0.2, 0.7]), healthy01=healthy)
+    scores.update(
+        images,
+        counterfactuals,
+        abnormal=torch.tensor([False, True, True]),
+        p_abnormal=torch.tensor([0.9, 0.2, 0.7]),
+        healthy01=healthy,
+    )
     result = scores.compute()
     assert result["minimality"] == pytest.approx(0.1)  # the healthy input changed by 0.1
     assert result["validity"] == pytest.approx(0.5)  # one of two abnormal inputs flipped below 0.5

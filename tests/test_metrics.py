@@ -32,13 +32,14 @@ def wang_ssim(x: np.ndarray, y: np.ndarray) -> float:
 
     ``mode="mirror"`` is torch's reflect padding (edge pixel not repeated).
     """
+
     def blur(a: np.ndarray) -> np.ndarray:
         return ndimage.gaussian_filter(a, sigma=1.5, truncate=3.5, mode="mirror")  # radius 5: 11 px
 
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    ssim_map = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    ssim_map = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return float(ssim_map.mean())
 
 
@@ -62,6 +63,7 @@ def results(data):
 
 def test_fid_equals_the_frechet_distance_computed_by_scipy(data, results):
     real, generated, counterfactual, groups = data
+
     def features(x: torch.Tensor) -> np.ndarray:
         return PooledPixels().features(x).double().numpy()
 
@@ -74,6 +76,7 @@ def test_fid_equals_the_frechet_distance_computed_by_scipy(data, results):
 
 def test_ssim_equals_the_wang_reference(data, results):
     real, _, counterfactual, _ = data
+
     def unit(x: torch.Tensor) -> np.ndarray:
         return ((x[:, 0] + 1) / 2).double().numpy()
 
@@ -109,16 +112,19 @@ def test_image_groups_are_normal_or_every_finding_present():
     assert image_groups(labels, ("a", "b", "c")) == [["Normal"], ["a", "c"], ["b"]]
 
 
-@pytest.mark.parametrize("size, scales, kernel", [(64, 3, 11), (128, 4, 11), (175, 4, 11), (176, 5, 11),
-                                                  (256, 5, 11), (32, 2, 11), (16, 2, 7)])
+@pytest.mark.parametrize(
+    "size, scales, kernel",
+    [(64, 3, 11), (128, 4, 11), (175, 4, 11), (176, 5, 11), (256, 5, 11), (32, 2, 11), (16, 2, 7)],
+)
 def test_ms_ssim_adapts_scales_and_window_to_the_image_size(size, scales, kernel):
     setting = ms_ssim_setting(size)
     assert (setting.scales, setting.kernel_size) == (scales, kernel)
     assert int(3.5 * setting.sigma + 0.5) * 2 + 1 == kernel  # the Gaussian torchmetrics builds has that size
     assert sum(setting.betas) == pytest.approx(1.0)
     x = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
-    metric = MultiScaleStructuralSimilarityIndexMeasure(data_range=1.0, kernel_size=setting.kernel_size,
-                                                        sigma=setting.sigma, betas=setting.betas)
+    metric = MultiScaleStructuralSimilarityIndexMeasure(
+        data_range=1.0, kernel_size=setting.kernel_size, sigma=setting.sigma, betas=setting.betas
+    )
     assert metric(x, x).item() == pytest.approx(1.0, abs=1e-5)
     if scales < 5:  # where we adapted, torchmetrics' default refuses the size
         with pytest.raises(ValueError):

@@ -53,8 +53,9 @@ def test_findings_do_not_change_the_patient():
     assert np.abs(a.healthy - b.healthy)[~b.mask].mean() < 0.03  # only the detector noise differs
 
 
-@pytest.mark.parametrize("kind,least",
-                         [("nodule", 0.1), ("ground_glass", 0.04), ("consolidation", 0.1), ("effusion", 0.1)])
+@pytest.mark.parametrize(
+    "kind,least", [("nodule", 0.1), ("ground_glass", 0.04), ("consolidation", 0.1), ("effusion", 0.1)]
+)
 def test_findings_clearly_visible_at_64(kind, least):
     gains = []
     for seed, f in enumerate(f for f in EVERY_FINDING if f.kind == kind):
@@ -107,7 +108,7 @@ def test_anatomy_radiological_convention():
         assert left.sum() < right.sum() * 1.05
         assert ph.image[ph.lung_mask].mean() < ph.image[~ph.lung_mask][ph.image[~ph.lung_mask] > 0.3].mean() - 0.15
         rows = np.nonzero(left.any(1))[0]
-        heart_rows = rows[int(0.6 * len(rows)):int(0.85 * len(rows))]
+        heart_rows = rows[int(0.6 * len(rows)) : int(0.85 * len(rows))]
         mid = (np.nonzero(right.any(0))[0][0] + np.nonzero(left.any(0))[0][-1]) / 2
         reach_left = np.mean([np.nonzero(left[r])[0][0] - mid for r in heart_rows])
         reach_right = np.mean([mid - np.nonzero(right[r])[0][-1] for r in heart_rows if right[r].any()])

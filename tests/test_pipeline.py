@@ -33,8 +33,9 @@ def test_from_parts_takes_the_checkpoint_sampling_defaults(tiny_ldm, tiny_pipeli
     for key, value in sampling["scheduler"].items():  # DDIM options as Stable Diffusion sets them
         assert tiny_pipeline.scheduler.config[key] == value
     assert tiny_pipeline.scheduler.config.num_train_timesteps == tiny_ldm.noise_scheduler.config.num_train_timesteps
-    bare = LatentDiffusionPipeline.from_parts(tiny_ldm.vae, tiny_ldm.unet, tiny_ldm.noise_scheduler,
-                                              tiny_ldm.prompt_encoder)
+    bare = LatentDiffusionPipeline.from_parts(
+        tiny_ldm.vae, tiny_ldm.unet, tiny_ldm.noise_scheduler, tiny_ldm.prompt_encoder
+    )
     assert bare.sampling == SamplingSettings()  # no checkpoint defaults: the class defaults
 
 
@@ -46,15 +47,23 @@ def test_sdedit_equals_diffusers_img2img_on_the_same_components(tiny_pipeline, i
     ours = pipeline(images, settings, target_prompt=prompt, generator=torch.Generator().manual_seed(7))
 
     peer = StableDiffusionImg2ImgPipeline(
-        vae=pipeline.vae, text_encoder=None, tokenizer=None, unet=pipeline.unet,
+        vae=pipeline.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=pipeline.unet,
         scheduler=DDIMScheduler.from_config(pipeline.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     peer.set_progress_bar_config(disable=True)
     theirs = peer(
-        image=images, prompt_embeds=pipeline.prompt_encoder([prompt] * 2),
+        image=images,
+        prompt_embeds=pipeline.prompt_encoder([prompt] * 2),
         negative_prompt_embeds=pipeline.prompt_encoder([NULL_PROMPT] * 2),
-        generator=torch.Generator().manual_seed(7), output_type="pt", **settings.asdict(),
+        generator=torch.Generator().manual_seed(7),
+        output_type="pt",
+        **settings.asdict(),
     ).images  # (B, 1, H, W) in [0, 1]
     torch.testing.assert_close((ours.images + 1) / 2, theirs, atol=1e-5, rtol=1e-4)
 
@@ -77,8 +86,9 @@ def test_inversion_without_guidance_reconstructs_the_latent(tiny_ldm, images, ou
     with torch.no_grad():
         unet.conv_out.weight.mul_(output_scale)
         unet.conv_out.bias.mul_(output_scale)
-    pipeline = LatentDiffusionPipeline.from_parts(tiny_ldm.vae, unet, tiny_ldm.noise_scheduler,
-                                                  tiny_ldm.prompt_encoder, tiny_ldm.hparams.sampling)
+    pipeline = LatentDiffusionPipeline.from_parts(
+        tiny_ldm.vae, unet, tiny_ldm.noise_scheduler, tiny_ldm.prompt_encoder, tiny_ldm.hparams.sampling
+    )
     errors = [_inversion_error(pipeline, images, steps) for steps in (25, 50)]
     assert errors[1] < bound, errors
     if output_scale:
@@ -115,6 +125,7 @@ def test_per_image_generators_give_each_image_its_own_noise(tiny_pipeline, image
 
 def test_the_target_prompt_matters(tiny_pipeline, images):
     settings = SDEditSettings(num_inference_steps=3)
+
     def run(prompt: str | None) -> torch.Tensor:
         return tiny_pipeline(images, settings, prompt, torch.Generator().manual_seed(0)).images
 
@@ -122,13 +133,17 @@ def test_the_target_prompt_matters(tiny_pipeline, images):
     assert not torch.equal(run(None), run("large effusion in the right lower zone"))
 
 
-@pytest.mark.parametrize("settings, shape, error, message", [
-    (SamplingSettings(), (2, 1, 64, 64), TypeError, "SDEditSettings or InversionSettings, got SamplingSettings"),
-    (InductionSettings(), (2, 1, 64, 64), TypeError, "got InductionSettings"),
-    ({"strength": 0.5}, (2, 1, 64, 64), TypeError, "got dict"),
-    (SDEditSettings(), (2, 3, 64, 64), ValueError, r"\(B, 1, H, W\)"),
-    (SDEditSettings(), (1, 64, 64), ValueError, r"\(B, 1, H, W\)"),
-], ids=["sampling-settings", "induction-settings", "dict", "three-channels", "no-channel-axis"])
+@pytest.mark.parametrize(
+    "settings, shape, error, message",
+    [
+        (SamplingSettings(), (2, 1, 64, 64), TypeError, "SDEditSettings or InversionSettings, got SamplingSettings"),
+        (InductionSettings(), (2, 1, 64, 64), TypeError, "got InductionSettings"),
+        ({"strength": 0.5}, (2, 1, 64, 64), TypeError, "got dict"),
+        (SDEditSettings(), (2, 3, 64, 64), ValueError, r"\(B, 1, H, W\)"),
+        (SDEditSettings(), (1, 64, 64), ValueError, r"\(B, 1, H, W\)"),
+    ],
+    ids=["sampling-settings", "induction-settings", "dict", "three-channels", "no-channel-axis"],
+)
 def test_wrong_settings_or_images_are_refused(tiny_pipeline, settings, shape, error, message):
     """Values are checked when settings are built (test_settings.py); the pipeline checks what it is given."""
     with pytest.raises(error, match=message):
@@ -141,18 +156,21 @@ def _counting_pipeline(tiny_ldm, monkeypatch) -> tuple[LatentDiffusionPipeline, 
     calls = []
     forward = unet.forward
     monkeypatch.setattr(unet, "forward", lambda x, *a, **k: calls.append(x.shape[0]) or forward(x, *a, **k))
-    return LatentDiffusionPipeline.from_parts(tiny_ldm.vae, unet, tiny_ldm.noise_scheduler, tiny_ldm.prompt_encoder,
-                                              tiny_ldm.hparams.sampling), calls
+    return LatentDiffusionPipeline.from_parts(
+        tiny_ldm.vae, unet, tiny_ldm.noise_scheduler, tiny_ldm.prompt_encoder, tiny_ldm.hparams.sampling
+    ), calls
 
 
-@pytest.mark.parametrize("settings, expected_calls", [
-    (SamplingSettings(num_inference_steps=3, guidance_scale=3.0), [4, 4, 4]),  # [null; prompt] in one call a step
-    (SamplingSettings(num_inference_steps=2, guidance_scale=1.0), [2, 2]),  # the conditional model alone
-    (SamplingSettings(num_inference_steps=2, guidance_scale=0.0), [2, 2]),  # the unconditional model alone
-    (None, [4, 4]),  # the checkpoint's defaults: smoke's 2 steps, guided
-])
-def test_generate_runs_the_settings_and_batches_guidance_in_one_call(tiny_ldm, monkeypatch, settings,
-                                                                     expected_calls):
+@pytest.mark.parametrize(
+    "settings, expected_calls",
+    [
+        (SamplingSettings(num_inference_steps=3, guidance_scale=3.0), [4, 4, 4]),  # [null; prompt] in one call a step
+        (SamplingSettings(num_inference_steps=2, guidance_scale=1.0), [2, 2]),  # the conditional model alone
+        (SamplingSettings(num_inference_steps=2, guidance_scale=0.0), [2, 2]),  # the unconditional model alone
+        (None, [4, 4]),  # the checkpoint's defaults: smoke's 2 steps, guided
+    ],
+)
+def test_generate_runs_the_settings_and_batches_guidance_in_one_call(tiny_ldm, monkeypatch, settings, expected_calls):
     pipeline, calls = _counting_pipeline(tiny_ldm, monkeypatch)
     out = pipeline.generate(["nodule", "effusion"], 64, 64, settings, torch.Generator().manual_seed(0))
     assert out.shape == (2, 1, 64, 64) and out.abs().max() <= 1
@@ -167,12 +185,14 @@ def test_generate_is_seeded(tiny_pipeline):
 
 
 @pytest.mark.parametrize("method, expected_calls", [("sdedit", [4, 4]), ("inversion", [2, 2, 4, 4])])
-def test_counterfactual_steps_follow_the_fraction_of_the_schedule(tiny_ldm, images, monkeypatch, method,
-                                                                  expected_calls):
+def test_counterfactual_steps_follow_the_fraction_of_the_schedule(
+    tiny_ldm, images, monkeypatch, method, expected_calls
+):
     """4 steps at fraction 0.5 run 2 guided steps; inversion first runs its 2 unguided null-prompt steps."""
     pipeline, calls = _counting_pipeline(tiny_ldm, monkeypatch)
-    settings = counterfactual_settings(method, num_inference_steps=4, guidance_scale=3.0, strength=0.5,
-                                       inversion_depth=0.5)
+    settings = counterfactual_settings(
+        method, num_inference_steps=4, guidance_scale=3.0, strength=0.5, inversion_depth=0.5
+    )
     pipeline(images, settings, generator=torch.Generator().manual_seed(0))
     assert calls == expected_calls
 
@@ -193,6 +213,7 @@ def test_a_compiled_pipeline_gives_the_eager_counterfactuals(make_tiny_ldm, tiny
     for ours, shared in zip(module.unet.parameters(), tiny_pipeline.unet.parameters(), strict=True):
         assert torch.equal(ours, shared)
     settings = SDEditSettings(strength=0.6, num_inference_steps=4, guidance_scale=3.0)
+
     def run(pipeline: LatentDiffusionPipeline) -> torch.Tensor:
         return pipeline(images, settings, generator=torch.Generator().manual_seed(7)).images
 

@@ -28,15 +28,18 @@ def test_class_defaults():
     assert SDEditSettings.method == "sdedit" and InversionSettings.method == "inversion"
 
 
-@pytest.mark.parametrize("cls, values", [
-    (SamplingSettings, dict(num_inference_steps=1, guidance_scale=0)),
-    (SamplingSettings, dict(num_inference_steps=1000, guidance_scale=1)),
-    (SDEditSettings, dict(strength=1.0)),
-    (SDEditSettings, dict(num_inference_steps=10, strength=0.1)),  # exactly one step
-    (InversionSettings, dict(inversion_depth=0.04, num_inference_steps=25)),
-    (InductionSettings, dict(strength=0.3, feather=2.5, paste=False)),
-    (InductionSettings, dict(feather=0)),
-])
+@pytest.mark.parametrize(
+    "cls, values",
+    [
+        (SamplingSettings, dict(num_inference_steps=1, guidance_scale=0)),
+        (SamplingSettings, dict(num_inference_steps=1000, guidance_scale=1)),
+        (SDEditSettings, dict(strength=1.0)),
+        (SDEditSettings, dict(num_inference_steps=10, strength=0.1)),  # exactly one step
+        (InversionSettings, dict(inversion_depth=0.04, num_inference_steps=25)),
+        (InductionSettings, dict(strength=0.3, feather=2.5, paste=False)),
+        (InductionSettings, dict(feather=0)),
+    ],
+)
 def test_valid_values_are_kept(cls, values):
     settings = cls(**values)
     assert all(getattr(settings, k) == v for k, v in values.items())
@@ -50,29 +53,35 @@ def test_numbers_are_normalised_to_floats_and_settings_are_frozen():
     assert settings.asdict() == {"num_inference_steps": 25, "guidance_scale": 3.0, "strength": 1.0}
 
 
-@pytest.mark.parametrize("cls, values, message", [
-    (SamplingSettings, dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),
-    (SamplingSettings, dict(num_inference_steps=2.5), "num_inference_steps must be an integer"),
-    (SamplingSettings, dict(num_inference_steps=True), "num_inference_steps must be an integer"),
-    (SamplingSettings, dict(num_inference_steps="25"), "num_inference_steps must be an integer"),
-    (SamplingSettings, dict(guidance_scale=-0.5), "guidance_scale must be a number >= 0"),
-    (SamplingSettings, dict(guidance_scale=float("nan")), "guidance_scale must be a number >= 0"),
-    (SamplingSettings, dict(guidance_scale=float("inf")), "guidance_scale must be a number >= 0"),
-    (SamplingSettings, dict(guidance_scale="high"), "guidance_scale must be a number"),
-    (SamplingSettings, dict(guidance_scale=False), "guidance_scale must be a number"),
-    (SDEditSettings, dict(strength=0.0), r"strength must be in \(0, 1\], got 0.0"),
-    (SDEditSettings, dict(strength=1.5), r"strength must be in \(0, 1\]"),
-    (SDEditSettings, dict(strength=True), r"strength must be in \(0, 1\]"),
-    (SDEditSettings, dict(strength=0.1, num_inference_steps=5), "strength 0.1 of 5 steps runs no denoising step: "
-                                                                "raise strength or num_inference_steps to at least 10"),
-    (InversionSettings, dict(inversion_depth=-0.1), r"inversion_depth must be in \(0, 1\]"),
-    (InversionSettings, dict(inversion_depth=0.2, num_inference_steps=4), "at least 5"),
-    (InductionSettings, dict(strength=0.0), "strength must be in"),
-    (InductionSettings, dict(feather=-1), "feather must be a number of pixels >= 0"),
-    (InductionSettings, dict(feather="wide"), "feather must be a number of pixels"),
-    (InductionSettings, dict(paste="yes"), "paste must be true or false"),
-    (InductionSettings, dict(paste=1), "paste must be true or false"),
-])
+@pytest.mark.parametrize(
+    "cls, values, message",
+    [
+        (SamplingSettings, dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),
+        (SamplingSettings, dict(num_inference_steps=2.5), "num_inference_steps must be an integer"),
+        (SamplingSettings, dict(num_inference_steps=True), "num_inference_steps must be an integer"),
+        (SamplingSettings, dict(num_inference_steps="25"), "num_inference_steps must be an integer"),
+        (SamplingSettings, dict(guidance_scale=-0.5), "guidance_scale must be a number >= 0"),
+        (SamplingSettings, dict(guidance_scale=float("nan")), "guidance_scale must be a number >= 0"),
+        (SamplingSettings, dict(guidance_scale=float("inf")), "guidance_scale must be a number >= 0"),
+        (SamplingSettings, dict(guidance_scale="high"), "guidance_scale must be a number"),
+        (SamplingSettings, dict(guidance_scale=False), "guidance_scale must be a number"),
+        (SDEditSettings, dict(strength=0.0), r"strength must be in \(0, 1\], got 0.0"),
+        (SDEditSettings, dict(strength=1.5), r"strength must be in \(0, 1\]"),
+        (SDEditSettings, dict(strength=True), r"strength must be in \(0, 1\]"),
+        (
+            SDEditSettings,
+            dict(strength=0.1, num_inference_steps=5),
+            "strength 0.1 of 5 steps runs no denoising step: raise strength or num_inference_steps to at least 10",
+        ),
+        (InversionSettings, dict(inversion_depth=-0.1), r"inversion_depth must be in \(0, 1\]"),
+        (InversionSettings, dict(inversion_depth=0.2, num_inference_steps=4), "at least 5"),
+        (InductionSettings, dict(strength=0.0), "strength must be in"),
+        (InductionSettings, dict(feather=-1), "feather must be a number of pixels >= 0"),
+        (InductionSettings, dict(feather="wide"), "feather must be a number of pixels"),
+        (InductionSettings, dict(paste="yes"), "paste must be true or false"),
+        (InductionSettings, dict(paste=1), "paste must be true or false"),
+    ],
+)
 def test_invalid_values_are_refused_with_what_is_valid(cls, values, message):
     with pytest.raises(ValueError, match=message):
         cls(**values)
@@ -104,16 +113,23 @@ def test_build_validates_the_layered_result():
 
 
 def test_build_refuses_unknown_keys_and_names_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown SamplingSettings setting\(s\) \['strength'\]; valid: "
-                                         "guidance_scale, num_inference_steps"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown SamplingSettings setting\(s\) \['strength'\]; valid: "
+        "guidance_scale, num_inference_steps",
+    ):
         SamplingSettings.build(strength=0.5)
     with pytest.raises(ValueError, match=r"unknown InductionSettings setting\(s\) \['feathr'\]"):
         InductionSettings.build(feathr=2.0)
 
 
 def test_from_hparams_reads_a_checkpoints_sampling_block():
-    stored = {"scheduler": {"steps_offset": 1}, "num_inference_steps": 40, "guidance_scale": 7.5,
-              "normal_prompt": "no finding"}
+    stored = {
+        "scheduler": {"steps_offset": 1},
+        "num_inference_steps": 40,
+        "guidance_scale": 7.5,
+        "normal_prompt": "no finding",
+    }
     assert SamplingSettings.from_hparams(stored) == CHECKPOINT  # the other keys are the pipeline's, not settings
     assert SamplingSettings.from_hparams({"guidance_scale": 5}) == SamplingSettings(25, 5.0)
     assert SamplingSettings.from_hparams(None) == SamplingSettings.from_hparams({}) == SamplingSettings()

@@ -157,8 +157,10 @@ def test_prompt_helpers(dm):
 
 def test_prompt_bank_is_generic(tmp_path):
     path = tmp_path / "bank.yaml"
-    path.write_text("target: normal study\nnormal: [normal study, clear lungs]\n"
-                    "findings:\n  Edema: [pulmonary edema, '{side} basal edema']\n  Mass: ['{zone} zone mass']\n")
+    path.write_text(
+        "target: normal study\nnormal: [normal study, clear lungs]\n"
+        "findings:\n  Edema: [pulmonary edema, '{side} basal edema']\n  Mass: ['{zone} zone mass']\n"
+    )
     bank = PromptBank.load(path)
     rng = np.random.default_rng(0)
     assert {bank.phrase("Edema", rng) for _ in range(20)} == {"pulmonary edema"}  # no location: unlocated phrasings
@@ -191,8 +193,10 @@ def test_write_covid_layout(tmp_path):
         for sub in ("images", "masks", "lesion_masks"):
             assert {p.name for p in (tmp_path / cls / sub).iterdir()} == names, (cls, sub)
         for k, i in enumerate(expected[cls], start=1):
-            image, lung, lesion = (np.array(Image.open(tmp_path / cls / sub / f"{cls}-{k}.png"))
-                                   for sub in ("images", "masks", "lesion_masks"))
+            image, lung, lesion = (
+                np.array(Image.open(tmp_path / cls / sub / f"{cls}-{k}.png"))
+                for sub in ("images", "masks", "lesion_masks")
+            )
             ph = ds.phantom(i)
             assert image.dtype == np.uint8 and image.shape == (64, 64)
             assert np.abs(image.astype(float) / 255 - ph.image).max() <= 0.5 / 255 + 1e-6
@@ -202,8 +206,22 @@ def test_write_covid_layout(tmp_path):
 
 
 def test_cli_and_contact_sheet(tmp_path, capsys):
-    counts = main(["--out", str(tmp_path / "covid"), "--split", "val", "--limit", "5", "--image-size", "64",
-                   "--num", "8", "--contact-sheet", str(tmp_path / "sheet.png")])
+    counts = main(
+        [
+            "--out",
+            str(tmp_path / "covid"),
+            "--split",
+            "val",
+            "--limit",
+            "5",
+            "--image-size",
+            "64",
+            "--num",
+            "8",
+            "--contact-sheet",
+            str(tmp_path / "sheet.png"),
+        ]
+    )
     assert sum(counts.values()) == 5 and '"Normal"' in capsys.readouterr().out
     assert len(list((tmp_path / "covid").glob("*/images/*.png"))) == 5
     sheet = Image.open(tmp_path / "sheet.png")

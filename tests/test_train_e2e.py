@@ -49,8 +49,15 @@ def test_stage1_trains_logs_and_exports_a_diffusers_vae(stage1):
 
 @pytest.mark.slow
 def test_sample_grids_every_n_steps_and_the_final_model_once(stage1, tmp_path):
-    train.main(["experiment=smoke", f"log_dir={tmp_path}", f"model.vae.path={stage1 / 'autoencoder' / 'vae'}",
-                "callbacks.samples.every_n_steps=2", "callbacks.samples.samples_per_prompt=1"])
+    train.main(
+        [
+            "experiment=smoke",
+            f"log_dir={tmp_path}",
+            f"model.vae.path={stage1 / 'autoencoder' / 'vae'}",
+            "callbacks.samples.every_n_steps=2",
+            "callbacks.samples.samples_per_prompt=1",
+        ]
+    )
     assert [image.step for image in _events(tmp_path / "ldm").Images("samples/prompt_rows")] == [2, 4]
 
 
@@ -82,9 +89,16 @@ def test_stage2_trains_logs_samples_and_resumes(stage1, tmp_path):
 def test_stage2_under_ddp_with_two_cpu_processes(stage1, tmp_path):
     """`make train EXPERIMENT=smoke GPUS=2 ACCELERATOR=cpu`: two gloo processes train to completion."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "experiments" / "train.py"), "experiment=smoke", f"log_dir={tmp_path}",
-               f"model.vae.path={stage1 / 'autoencoder' / 'vae'}", "trainer.accelerator=cpu", "trainer.devices=2",
-               "trainer.strategy=ddp"]
+    command = [
+        sys.executable,
+        str(ROOT / "experiments" / "train.py"),
+        "experiment=smoke",
+        f"log_dir={tmp_path}",
+        f"model.vae.path={stage1 / 'autoencoder' / 'vae'}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed_backend=gloo" in result.stderr + result.stdout
@@ -106,8 +120,16 @@ def test_phantoms_written_in_the_covid_layout_train_through_the_covid_datamodule
     root = tmp_path / "COVID-19_Radiography_Dataset"
     counts = SyntheticCXRDataModule(image_size=64).write_covid_layout(root, split="train", limit=48)
     assert sum(counts.values()) == 48 and (root / "Viral Pneumonia" / "images").is_dir()
-    trainer = train.main(["experiment=smoke", "data=covid_radiography", f"data.root={root}", "data.image_size=64",
-                          f"log_dir={tmp_path / 'logs'}", f"model.vae.path={stage1 / 'autoencoder' / 'vae'}"])
+    trainer = train.main(
+        [
+            "experiment=smoke",
+            "data=covid_radiography",
+            f"data.root={root}",
+            "data.image_size=64",
+            f"log_dir={tmp_path / 'logs'}",
+            f"model.vae.path={stage1 / 'autoencoder' / 'vae'}",
+        ]
+    )
     assert trainer.global_step == 4
     assert (tmp_path / "logs" / "ldm" / "checkpoints" / "last.ckpt").is_file()
 

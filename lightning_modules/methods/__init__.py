@@ -81,8 +81,9 @@ class Method(ABC):
         """Once, after the models are loaded and before the first batch (default: nothing to do)."""
 
     @abstractmethod
-    def __call__(self, images: torch.Tensor, models: Models, generator: torch.Generator,
-                 prompts: list[str] | None = None) -> MethodOutput:
+    def __call__(
+        self, images: torch.Tensor, models: Models, generator: torch.Generator, prompts: list[str] | None = None
+    ) -> MethodOutput:
         """``images`` (B, 1, H, W) in [-1, 1] on the CPU; ``prompts``: the images' reports, when the data has them."""
 
 

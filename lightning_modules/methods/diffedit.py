@@ -35,9 +35,14 @@ class DiffEditSettings(SamplingSettings):
 
 
 @torch.no_grad()
-def diffedit_latent_map(pipeline: LatentDiffusionPipeline, images: torch.Tensor, abnormal_prompts: list[str],
-                        settings: DiffEditSettings, healthy_prompt: str | None = None,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+def diffedit_latent_map(
+    pipeline: LatentDiffusionPipeline,
+    images: torch.Tensor,
+    abnormal_prompts: list[str],
+    settings: DiffEditSettings,
+    healthy_prompt: str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(B, 1, H, W) images in [-1, 1] -> (B, 1, h, w) DiffEdit guidance maps on the latent grid, before DiffEdit's
     clamp and threshold (the map stays continuous, so it can be ranked).
 
@@ -62,9 +67,14 @@ def diffedit_latent_map(pipeline: LatentDiffusionPipeline, images: torch.Tensor,
     return difference.mean((1, 2))[:, None]  # (B, 1, h, w)
 
 
-def diffedit_map(pipeline: LatentDiffusionPipeline, images: torch.Tensor, abnormal_prompts: list[str],
-                 settings: DiffEditSettings, healthy_prompt: str | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def diffedit_map(
+    pipeline: LatentDiffusionPipeline,
+    images: torch.Tensor,
+    abnormal_prompts: list[str],
+    settings: DiffEditSettings,
+    healthy_prompt: str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """``diffedit_latent_map`` upsampled bilinearly to the image grid: (B, 1, H, W)."""
     latent_map = diffedit_latent_map(pipeline, images, abnormal_prompts, settings, healthy_prompt, generator)
     return F.interpolate(latent_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -90,10 +100,12 @@ class DiffEdit(Method):
         abnormal_prompt = block.pop("abnormal_prompt", None)
         return cls(DiffEditSettings.build(None, **block), abnormal_prompt, cfg.target_prompt)
 
-    def __call__(self, images: torch.Tensor, models: Models, generator: torch.Generator,
-                 prompts: list[str] | None = None) -> MethodOutput:
+    def __call__(
+        self, images: torch.Tensor, models: Models, generator: torch.Generator, prompts: list[str] | None = None
+    ) -> MethodOutput:
         pipeline = models.pipeline
         sources = prompts or [self.abnormal_prompt] * images.shape[0]
-        scores = diffedit_map(pipeline, images.to(pipeline.device), sources, self.settings, self.target_prompt,
-                              generator)
+        scores = diffedit_map(
+            pipeline, images.to(pipeline.device), sources, self.settings, self.target_prompt, generator
+        )
         return MethodOutput(map=scores.cpu())  # non-negative already

@@ -50,8 +50,9 @@ class MeanHealthy(Method):
     def prepare(self, models: Models) -> None:
         self.image = mean_healthy_image(models.train_split, self.num_images)[None]
 
-    def __call__(self, images: torch.Tensor, models: Models, generator: torch.Generator,
-                 prompts: list[str] | None = None) -> MethodOutput:
+    def __call__(
+        self, images: torch.Tensor, models: Models, generator: torch.Generator, prompts: list[str] | None = None
+    ) -> MethodOutput:
         if self.image is None:
             raise RuntimeError("MeanHealthy.prepare(models) must run before the first batch")
         return MethodOutput(counterfactual=self.image.expand_as(images))

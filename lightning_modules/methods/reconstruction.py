@@ -22,8 +22,12 @@ from lightning_modules.settings import (
 )
 
 
-def reconstruct(pipeline: LatentDiffusionPipeline, images: torch.Tensor, settings: CounterfactualSettings,
-                generator: torch.Generator | None = None) -> CounterfactualOutput:
+def reconstruct(
+    pipeline: LatentDiffusionPipeline,
+    images: torch.Tensor,
+    settings: CounterfactualSettings,
+    generator: torch.Generator | None = None,
+) -> CounterfactualOutput:
     """The pipeline with ``settings`` but no guidance, which replaces every prompt by the null prompt."""
     return pipeline(images, dataclasses.replace(settings, guidance_scale=0.0), generator=generator)
 
@@ -53,8 +57,10 @@ class Reconstruction(Method):
             raise ValueError(f"method must be one of {list(COUNTERFACTUAL_METHODS)}, got {method!r}")
         return cls(counterfactual_settings(method, defaults, **OmegaConf.to_container(cfg[method], resolve=True)))
 
-    def __call__(self, images: torch.Tensor, models: Models, generator: torch.Generator,
-                 prompts: list[str] | None = None) -> MethodOutput:
+    def __call__(
+        self, images: torch.Tensor, models: Models, generator: torch.Generator, prompts: list[str] | None = None
+    ) -> MethodOutput:
         output = reconstruct(models.pipeline, images, self.settings, generator)
-        return MethodOutput(counterfactual=output.images,
-                            latent_error=latent_error(models.pipeline, images, output.latents).cpu())
+        return MethodOutput(
+            counterfactual=output.images, latent_error=latent_error(models.pipeline, images, output.latents).cpu()
+        )

@@ -30,8 +30,9 @@ class Saliency(Method):
     def from_config(cls, cfg: DictConfig, defaults: SamplingSettings, **overrides: Any) -> Saliency:
         return cls(**cls.settings_block(cfg, overrides, keys=("method",)))
 
-    def __call__(self, images: torch.Tensor, models: Models, generator: torch.Generator,
-                 prompts: list[str] | None = None) -> MethodOutput:
+    def __call__(
+        self, images: torch.Tensor, models: Models, generator: torch.Generator, prompts: list[str] | None = None
+    ) -> MethodOutput:
         classifier = models.classifier
         scores = classifier.saliency(images.to(next(classifier.parameters()).device), method=self.method)
         return MethodOutput(map=scores.detach().cpu())

@@ -30,7 +30,8 @@ class SDEdit(Method):
         settings = counterfactual_settings(cls.name, defaults, **cls.settings_block(cfg, overrides))
         return cls(settings, cfg.target_prompt)
 
-    def __call__(self, images: torch.Tensor, models: Models, generator: torch.Generator,
-                 prompts: list[str] | None = None) -> MethodOutput:
+    def __call__(
+        self, images: torch.Tensor, models: Models, generator: torch.Generator, prompts: list[str] | None = None
+    ) -> MethodOutput:
         output = models.pipeline(images, self.settings, self.target_prompt, generator)
         return MethodOutput(counterfactual=output.images)

@@ -113,8 +113,9 @@ def run_batches(cfg: DictConfig, inputs: Inputs) -> tuple[Iterator[dict], int]:
     dataset = inputs.dataset
     if isinstance(dataset, ImageFolder):
         count = len(dataset) if cfg.num_images is None else min(cfg.num_images, len(dataset))
-        loader = DataLoader(Subset(dataset, range(count)), batch_size=cfg.batch_size, shuffle=False,
-                            collate_fn=collate_readable)
+        loader = DataLoader(
+            Subset(dataset, range(count)), batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_readable
+        )
         return iter(loader), count
     indices = spread_indices(len(dataset), cfg.num_images)
     return dataset_batches(dataset, indices, cfg.batch_size, inputs.datamodule.num_workers), len(indices)
@@ -124,7 +125,7 @@ def dataset_batches(dataset: Dataset, indices: list[int], batch_size: int, num_w
     """The samples at ``indices``, in order, each batch with the samples' ``index`` into ``dataset``."""
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     for start, batch in zip(range(0, len(indices), batch_size), loader, strict=True):
-        batch["index"] = indices[start:start + len(batch["id"])]
+        batch["index"] = indices[start : start + len(batch["id"])]
         yield batch
 
 
@@ -147,8 +148,9 @@ def scored_rows(batch: dict) -> torch.Tensor:
 def select(batch: dict, rows: torch.Tensor) -> dict:
     """The ``rows`` (B,) bool of every tensor and list of a batch."""
     keep = rows.tolist()
-    return {k: v[rows] if torch.is_tensor(v) else [x for x, on in zip(v, keep, strict=True) if on]
-            for k, v in batch.items()}
+    return {
+        k: v[rows] if torch.is_tensor(v) else [x for x, on in zip(v, keep, strict=True) if on] for k, v in batch.items()
+    }
 
 
 # 3. models --------------------------------------------------------------------------------------------------------
@@ -156,8 +158,10 @@ def load_classifier(cfg: DictConfig, notes: list[str]) -> FindingClassifier | No
     """The judge of validity and the saliency baseline; without its checkpoint both are skipped, and said so."""
     path = cfg.classifier_checkpoint
     if path is None or not Path(path).is_file():
-        notes.append(f"no classifier checkpoint ({path}; train one with experiments/train_classifier.py): "
-                     "saliency baseline and validity skipped")
+        notes.append(
+            f"no classifier checkpoint ({path}; train one with experiments/train_classifier.py): "
+            "saliency baseline and validity skipped"
+        )
         return None
     return FindingClassifier.from_checkpoint(path, map_location=cfg.device).eval()
 
@@ -186,8 +190,15 @@ class Attribution:
     latent_error: torch.Tensor | None = None  # (B,) the reconstruction baseline's round trip
 
 
-def attribute(method: Method, images: torch.Tensor, models: Models, seed: int, kind: str, sigma: float,
-              prompts: list[str] | None = None) -> Attribution:
+def attribute(
+    method: Method,
+    images: torch.Tensor,
+    models: Models,
+    seed: int,
+    kind: str,
+    sigma: float,
+    prompts: list[str] | None = None,
+) -> Attribution:
     """``images`` (B, 1, H, W) in [-1, 1]. A counterfactual method's map is ``kind`` of x - x_cf, any other's its own
     scores; both smoothed by ``sigma``. Every method gets its own generator from ``seed``, so adding or dropping a
     method never changes another's output."""
@@ -207,8 +218,9 @@ def abnormal_probability(models: Models, images: torch.Tensor) -> torch.Tensor |
 
 
 # 5. the run -------------------------------------------------------------------------------------------------------
-def process(cfg: DictConfig, models: Models, methods: dict[str, Method], inputs: Inputs,
-            out: Path) -> tuple[list[dict], dict]:
+def process(
+    cfg: DictConfig, models: Models, methods: dict[str, Method], inputs: Inputs, out: Path
+) -> tuple[list[dict], dict]:
     """Every method on every batch: files written; the CSV rows and the accumulated scores returned, with
     ``skipped``: (path, reason) of every input file that could not be read."""
     names, finding_names, dataset = list(methods), inputs.finding_names, inputs.dataset
@@ -220,8 +232,9 @@ def process(cfg: DictConfig, models: Models, methods: dict[str, Method], inputs:
     sensitivity = MeanMetric()  # abnormal inputs the classifier calls abnormal: what validity is measured against
     latent_error = MeanMetric()  # the reconstruction baseline's round trip, healthy and abnormal inputs alike
     b = 0  # batches with images: a batch whose files all failed to decode takes no seed
-    for batch in tqdm(batches, total=-(-total // cfg.batch_size), desc="attribution", unit="batch",
-                      disable=not cfg.progress):
+    for batch in tqdm(
+        batches, total=-(-total // cfg.batch_size), desc="attribution", unit="batch", disable=not cfg.progress
+    ):
         skipped += batch.pop("skipped", [])
         if not batch["id"]:
             continue
@@ -248,12 +261,21 @@ def process(cfg: DictConfig, models: Models, methods: dict[str, Method], inputs:
                 p_cf = abnormal_probability(models, to_model_range(output.counterfactual01))
                 if abnormal is not None:
                     counterfactual_scores[name].update(
-                        images01, output.counterfactual01, abnormal, p_cf,
+                        images01,
+                        output.counterfactual01,
+                        abnormal,
+                        p_cf,
                         to_unit_range(batch["healthy"]) if "healthy" in batch else None,
-                        cfg.metrics.abnormal_threshold)
+                        cfg.metrics.abnormal_threshold,
+                    )
             if scored.any():
-                localization.update(name, scores01[scored], batch["mask"][scored], batch["label"][scored],
-                                    per_type[scored] if per_type is not None else None)
+                localization.update(
+                    name,
+                    scores01[scored],
+                    batch["mask"][scored],
+                    batch["label"][scored],
+                    per_type[scored] if per_type is not None else None,
+                )
             write_outputs(out, name, ids, images01, output, cfg, batch.get("prompt"))
             for i, row in enumerate(batch_rows):  # every row gets every column (empty when n/a): stable order
                 row[f"{name}_map_mean"] = round(float(output.map[i].mean()), 6)
@@ -262,21 +284,30 @@ def process(cfg: DictConfig, models: Models, methods: dict[str, Method], inputs:
                     row[f"{name}_change"] = round(float((images01[i] - output.counterfactual01[i]).abs().mean()), 6)
                     row[f"{name}_p_abnormal"] = None if p_cf is None else round(float(p_cf[i]), 6)
                 if "mask" in batch:
-                    row[f"{name}_auprc"] = round(float(binary_average_precision(
-                        scores01[i].flatten(), batch["mask"][i].flatten().long())), 6) if scored[i] else None
+                    row[f"{name}_auprc"] = (
+                        round(
+                            float(binary_average_precision(scores01[i].flatten(), batch["mask"][i].flatten().long())), 6
+                        )
+                        if scored[i]
+                        else None
+                    )
         rows.extend(batch_rows)
         b += 1
     if sensitivity.update_count:
         counts["classifier_sensitivity"] = float(sensitivity.compute())
     if latent_error.update_count:
         counts["reconstruction_latent_error"] = float(latent_error.compute())
-    results = {"counts": counts, "labelled": labelled, "localization": localization.compute(),
-               "counterfactual": {n: s.compute() for n, s in counterfactual_scores.items()}, "skipped": skipped}
+    results = {
+        "counts": counts,
+        "labelled": labelled,
+        "localization": localization.compute(),
+        "counterfactual": {n: s.compute() for n, s in counterfactual_scores.items()},
+        "skipped": skipped,
+    }
     return rows, results
 
 
-def base_row(batch: dict, i: int, finding_names: tuple[str, ...], scored: bool,
-             p_input: torch.Tensor | None) -> dict:
+def base_row(batch: dict, i: int, finding_names: tuple[str, ...], scored: bool, p_input: torch.Tensor | None) -> dict:
     row = {"id": batch["id"][i]}
     if "path" in batch:
         row["path"] = batch["path"][i]
@@ -290,8 +321,15 @@ def base_row(batch: dict, i: int, finding_names: tuple[str, ...], scored: bool,
     return row
 
 
-def write_outputs(out: Path, method: str, ids: list[str], images01: torch.Tensor, output: Attribution,
-                  cfg: DictConfig, prompts: list[str] | None) -> None:
+def write_outputs(
+    out: Path,
+    method: str,
+    ids: list[str],
+    images01: torch.Tensor,
+    output: Attribution,
+    cfg: DictConfig,
+    prompts: list[str] | None,
+) -> None:
     difference_map = output.counterfactual01 is not None
     for i, sample_id in enumerate(ids):
         heat = output.map[i, 0].numpy()
@@ -300,12 +338,25 @@ def write_outputs(out: Path, method: str, ids: list[str], images01: torch.Tensor
         if cf is not None:
             save_gray_png(out / "counterfactuals" / method / f"{sample_id}.png", cf)
         if method in cfg.overlays.methods:
-            label = ({"positive": "denser than counterfactual", "absolute": "|input - counterfactual|"}
-                     [cfg.map.kind] + " (grey fraction)") if difference_map else f"{method} score"
+            label = (
+                (
+                    {"positive": "denser than counterfactual", "absolute": "|input - counterfactual|"}[cfg.map.kind]
+                    + " (grey fraction)"
+                )
+                if difference_map
+                else f"{method} score"
+            )
             title = f"{sample_id}: {prompts[i]}" if prompts else sample_id
-            save_overlay(out / "overlays" / method / f"{sample_id}.png", images01[i, 0].numpy(), heat, cf,
-                         title=title, label=label, vmax=cfg.overlays.vmax if difference_map else None,
-                         cmap=cfg.overlays.cmap)
+            save_overlay(
+                out / "overlays" / method / f"{sample_id}.png",
+                images01[i, 0].numpy(),
+                heat,
+                cf,
+                title=title,
+                label=label,
+                vmax=cfg.overlays.vmax if difference_map else None,
+                cmap=cfg.overlays.cmap,
+            )
 
 
 # 6. reports -------------------------------------------------------------------------------------------------------
@@ -313,13 +364,19 @@ def summarize(cfg: DictConfig, results: dict, methods: list[str], notes: list[st
     localization, counterfactual = results["localization"], results["counterfactual"]
     summary_methods = {}
     for method in methods:
-        entry = {k: v for k, v in localization.get(method, {}).get(OVERALL, {}).items()
-                 if k in ("auprc", "auroc", "dice", "threshold")}
+        entry = {
+            k: v
+            for k, v in localization.get(method, {}).get(OVERALL, {}).items()
+            if k in ("auprc", "auroc", "dice", "threshold")
+        }
         entry.update(counterfactual.get(method, {}))
         summary_methods[method] = entry
     return {
-        "checkpoint": cfg.checkpoint, "classifier_checkpoint": cfg.classifier_checkpoint,
-        "data": cfg.data.name if cfg.input is None else None, "input": cfg.input, "split": cfg.split,
+        "checkpoint": cfg.checkpoint,
+        "classifier_checkpoint": cfg.classifier_checkpoint,
+        "data": cfg.data.name if cfg.input is None else None,
+        "input": cfg.input,
+        "split": cfg.split,
         **{k: v for k, v in results["counts"].items()},
         "settings": {m: OmegaConf.to_container(cfg[m]) for m in (*COUNTERFACTUAL_METHODS, "map", "baselines")},
         "methods": summary_methods,
@@ -333,31 +390,45 @@ def fmt(value: float | None) -> str:
 
 
 def markdown(summary: dict, finding_names: tuple[str, ...]) -> str:
-    lines = [f"Scored: {summary['scored']} abnormal images with masks of {summary['images']} "
-             f"({summary['abnormal']} abnormal). Maps scaled to [0, 1] per image; pixels pooled over images.", "",
-             "| method | AUPRC | AUROC | Dice | validity | minimality | distance to true healthy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Scored: {summary['scored']} abnormal images with masks of {summary['images']} "
+        f"({summary['abnormal']} abnormal). Maps scaled to [0, 1] per image; pixels pooled over images.",
+        "",
+        "| method | AUPRC | AUROC | Dice | validity | minimality | distance to true healthy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method, m in summary["methods"].items():
-        lines.append(f"| {method} | {fmt(m.get('auprc'))} | {fmt(m.get('auroc'))} | {fmt(m.get('dice'))} | "
-                     f"{fmt(m.get('validity'))} | {fmt(m.get('minimality'))} | {fmt(m.get('twin_distance'))} |")
+        lines.append(
+            f"| {method} | {fmt(m.get('auprc'))} | {fmt(m.get('auroc'))} | {fmt(m.get('dice'))} | "
+            f"{fmt(m.get('validity'))} | {fmt(m.get('minimality'))} | {fmt(m.get('twin_distance'))} |"
+        )
     present = [n for n in finding_names if any(n in g for g in summary["per_finding"].values())]
     if present:
-        lines += ["", "Per finding type, AUPRC / Dice (images with that type; other findings' pixels ignored):", "",
-                  "| method | " + " | ".join(f"{n} (n={first_count(summary, n)})" for n in present) + " |",
-                  "|---|" + "---|" * len(present)]
+        lines += [
+            "",
+            "Per finding type, AUPRC / Dice (images with that type; other findings' pixels ignored):",
+            "",
+            "| method | " + " | ".join(f"{n} (n={first_count(summary, n)})" for n in present) + " |",
+            "|---|" + "---|" * len(present),
+        ]
         for method, groups in summary["per_finding"].items():
             cells = [f"{fmt(groups[n]['auprc'])} / {fmt(groups[n]['dice'])}" if n in groups else "-" for n in present]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "validity: share of abnormal inputs whose counterfactual the classifier calls healthy; minimality: "
-              "mean |x - x_cf| on healthy inputs; distance to true healthy: mean |x_cf - x_healthy| on abnormal "
-              "inputs (grey range [0, 1])."]
+    lines += [
+        "",
+        "validity: share of abnormal inputs whose counterfactual the classifier calls healthy; minimality: "
+        "mean |x - x_cf| on healthy inputs; distance to true healthy: mean |x_cf - x_healthy| on abnormal "
+        "inputs (grey range [0, 1]).",
+    ]
     if "classifier_sensitivity" in summary:
         lines.append(f"The classifier calls {summary['classifier_sensitivity']:.1%} of the abnormal inputs abnormal.")
     if "reconstruction_latent_error" in summary:
         settings = summary["settings"]
         method = settings["baselines"]["reconstruction"]["method"]
-        lines.append(f"Reconstruction baseline ({method} {settings[method]}, guidance 0): relative latent error "
-                     f"||z_rec - z_0|| / ||z_0|| = {summary['reconstruction_latent_error']:.4f} on average.")
+        lines.append(
+            f"Reconstruction baseline ({method} {settings[method]}, guidance 0): relative latent error "
+            f"||z_rec - z_0|| / ||z_0|| = {summary['reconstruction_latent_error']:.4f} on average."
+        )
     lines += [f"note: {n}" for n in summary["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -378,19 +449,31 @@ def tune(cfg: DictConfig, models: Models, trials: list[Trial], inputs: Inputs, o
     results = []
     for trial in trials:
         scores = LocalizationScores([f"{k}:{s}" for k, s in maps], finding_names, cfg.metrics.thresholds)
-        for b, batch in enumerate(tqdm(batches, desc=f"tune {trial.method} {trial.values}",
-                                       disable=not cfg.progress)):
+        for b, batch in enumerate(tqdm(batches, desc=f"tune {trial.method} {trial.values}", disable=not cfg.progress)):
             output = trial.instance(batch["image"], models, torch.Generator("cpu").manual_seed(cfg.seed + b))
             signed = signed_map(to_unit_range(batch["image"]), to_unit_range(output.counterfactual.cpu()))
             for kind, sigma in maps:
-                scores.update(f"{kind}:{sigma}", normalize_per_image(attribution_map(signed, kind, sigma)),
-                              batch["mask"], batch["label"])
+                scores.update(
+                    f"{kind}:{sigma}",
+                    normalize_per_image(attribution_map(signed, kind, sigma)),
+                    batch["mask"],
+                    batch["label"],
+                )
         for key, groups in scores.compute().items():
             kind, sigma = key.split(":")
-            results.append({"method": trial.method, **trial.values, "map.kind": kind, "map.sigma": float(sigma),
-                            **{k: groups[OVERALL][k] for k in ("auprc", "auroc", "dice")}})
-    best = {m: max((t for t in results if t["method"] == m), key=lambda t: t["auprc"])
-            for m in dict.fromkeys(t["method"] for t in results)}
+            results.append(
+                {
+                    "method": trial.method,
+                    **trial.values,
+                    "map.kind": kind,
+                    "map.sigma": float(sigma),
+                    **{k: groups[OVERALL][k] for k in ("auprc", "auroc", "dice")},
+                }
+            )
+    best = {
+        m: max((t for t in results if t["method"] == m), key=lambda t: t["auprc"])
+        for m in dict.fromkeys(t["method"] for t in results)
+    }
     report = {"split": cfg.tune.split, "images": sum(len(b["id"]) for b in batches), "best": best, "trials": results}
     (out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -400,8 +483,13 @@ def best_settings(report: dict) -> list[str]:
     """One line per tuned method: its best AUPRC and the command-line overrides that select its settings."""
     lines = []
     for method, best in report["best"].items():
-        overrides = " ".join(f"{method}.{k}={v}" for k, v in best.items()
-                             if k not in ("method", "auprc", "auroc", "dice", "map.kind", "map.sigma"))
-        lines.append(f"best {method} on {report['split']} ({report['images']} abnormal images): AUPRC "
-                     f"{best['auprc']:.3f}  ->  {overrides} map.kind={best['map.kind']} map.sigma={best['map.sigma']}")
+        overrides = " ".join(
+            f"{method}.{k}={v}"
+            for k, v in best.items()
+            if k not in ("method", "auprc", "auroc", "dice", "map.kind", "map.sigma")
+        )
+        lines.append(
+            f"best {method} on {report['split']} ({report['images']} abnormal images): AUPRC "
+            f"{best['auprc']:.3f}  ->  {overrides} map.kind={best['map.kind']} map.sigma={best['map.sigma']}"
+        )
     return lines

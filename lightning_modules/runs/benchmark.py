@@ -50,16 +50,39 @@ from lightning_modules.compiled_unet import compile_unet
 from lightning_modules.latent_diffusion import LatentDiffusionModule, drop_prompts
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.prompt_encoder import NULL_PROMPT, PromptEncoder
-from lightning_modules.runs.timing import (Call, Line, Measured, PeakMemory, cold_compile_caches, matmul, measure,
-                                           memory_method, stopwatch, synchronize)
+from lightning_modules.runs.timing import (
+    Call,
+    Line,
+    Measured,
+    PeakMemory,
+    cold_compile_caches,
+    matmul,
+    measure,
+    memory_method,
+    stopwatch,
+    synchronize,
+)
 from lightning_modules.runs.training import build_latent_diffusion
-from lightning_modules.settings import (COUNTERFACTUAL_METHODS, CounterfactualSettings, SamplingSettings,
-                                        counterfactual_settings)
+from lightning_modules.settings import (
+    COUNTERFACTUAL_METHODS,
+    CounterfactualSettings,
+    SamplingSettings,
+    counterfactual_settings,
+)
 
 #: --quick: the smoke-sized networks and batches, a few repeats, one thread (immune to a busy machine), nothing compiled
-QUICK = ["experiment=smoke", "repeats=3", "warmup=1", "train_steps_per_repeat=1", "counterfactual.batch_size=2",
-         "matmul_size=256", "counterfactual.sdedit.num_inference_steps=10",
-         "counterfactual.inversion.num_inference_steps=2", "num_threads=1", "compile=false"]
+QUICK = [
+    "experiment=smoke",
+    "repeats=3",
+    "warmup=1",
+    "train_steps_per_repeat=1",
+    "counterfactual.batch_size=2",
+    "matmul_size=256",
+    "counterfactual.sdedit.num_inference_steps=10",
+    "counterfactual.inversion.num_inference_steps=2",
+    "num_threads=1",
+    "compile=false",
+]
 
 #: UNet variants timed beside the plain float32 forward + backward: what `make bench` says before we turn one on
 VARIANTS = {
@@ -119,6 +142,7 @@ def random_vae(cfg: DictConfig, directory: str) -> str:
 class Bench:
     """What every line shares: the config, the device, the random VAE on disk and the configured data module
     (instantiated, never set up: it gives the image size and normal prompt; the inputs are ``RandomImages``)."""
+
     cfg: DictConfig
     device: torch.device
     vae_dir: str
@@ -129,9 +153,14 @@ class Bench:
         on or off, and its training step compiled or not."""
         torch.manual_seed(self.cfg.seed)
         prompt_encoder = OmegaConf.to_container(self.cfg.model.prompt_encoder, resolve=True)
-        return build_latent_diffusion(self.cfg, self.datamodule, vae={"path": self.vae_dir},
-                                      prompt_encoder={**prompt_encoder, "cache": caches}, cache_latents=caches,
-                                      compile=compile)
+        return build_latent_diffusion(
+            self.cfg,
+            self.datamodule,
+            vae={"path": self.vae_dir},
+            prompt_encoder={**prompt_encoder, "cache": caches},
+            cache_latents=caches,
+            compile=compile,
+        )
 
     def measure(self, calls: dict[str, Call]) -> dict[str, Measured]:
         cfg = self.cfg
@@ -172,12 +201,22 @@ def lightning_steps(bench: Bench, module: LatentDiffusionModule, data: Dataset) 
 
     def call(memory: PeakMemory | None = None) -> float:
         timer = StepTimer(device, memory)
-        trainer = L.Trainer(**profile, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                            max_steps=1 + steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[timer])
+        trainer = L.Trainer(
+            **profile,
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            max_steps=1 + steps,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+        )
         trainer.fit(module, loader)
         return timer.ends[steps] - timer.ends[0]
+
     return call
 
 
@@ -191,8 +230,12 @@ def plain_steps(bench: Bench, module: LatentDiffusionModule, data: Dataset) -> C
     unet = copy.deepcopy(module.unet).to(device).train()
     vae, encoder, scheduler = module.vae.to(device), module.prompt_encoder.to(device), module.noise_scheduler
     optim = model["optimizer"]
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0),
-                                  betas=tuple(optim.get("betas", (0.9, 0.999))))
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=optim["lr"],
+        weight_decay=optim.get("weight_decay", 0.0),
+        betas=tuple(optim.get("betas", (0.9, 0.999))),
+    )
     lr_scheduler = get_scheduler(optim["schedule"], optimizer, num_warmup_steps=optim["warmup_steps"])
     ema = EMAModel(unet.parameters(), **{**model["ema"], "foreach": False})
     ema.to(device)
@@ -219,14 +262,23 @@ def plain_steps(bench: Bench, module: LatentDiffusionModule, data: Dataset) -> C
     def steps() -> None:
         for _ in range(cfg.train_steps_per_repeat):
             step()
+
     return stopwatch(steps, device)
 
 
 TRAINING = {  # name: (what, caches, compile, the steps)
-    "train_plain": ("plain PyTorch loop, VAE + prompt encoder every step (diffusers train_text_to_image)",
-                    False, False, plain_steps),
-    "train_ours_caches_off": ("ours (Lightning), prompt-embedding and latent caches off", False, False,
-                              lightning_steps),
+    "train_plain": (
+        "plain PyTorch loop, VAE + prompt encoder every step (diffusers train_text_to_image)",
+        False,
+        False,
+        plain_steps,
+    ),
+    "train_ours_caches_off": (
+        "ours (Lightning), prompt-embedding and latent caches off",
+        False,
+        False,
+        lightning_steps,
+    ),
     "train_ours_caches_on": ("ours (Lightning), prompt-embedding and latent caches on", True, False, lightning_steps),
     "train_ours_compiled": ("ours (Lightning), caches on, model.compile=true", True, True, lightning_steps),
 }
@@ -238,8 +290,10 @@ def training_lines(bench: Bench) -> list[Line]:
     data = bench.images((1 + steps) * cfg.data.batch_size, cfg.seed)
     names = [name for name, (_, _, compile, _) in TRAINING.items() if cfg.compile or not compile]
     calls = {name: TRAINING[name][3](bench, bench.module(*TRAINING[name][1:3]), data) for name in names}
-    return [Line.of(name, TRAINING[name][0], measured, steps * cfg.data.batch_size)
-            for name, measured in bench.measure(calls).items()]
+    return [
+        Line.of(name, TRAINING[name][0], measured, steps * cfg.data.batch_size)
+        for name, measured in bench.measure(calls).items()
+    ]
 
 
 # 4. counterfactual lines --------------------------------------------------------------------------------------------
@@ -257,8 +311,14 @@ def counterfactual_lines(bench: Bench, settings: dict[str, CounterfactualSetting
         pipelines["_compiled"] = LatentDiffusionPipeline.from_parts(*parts, compile=True)
     ours = pipelines[""]
     peer = StableDiffusionImg2ImgPipeline(
-        vae=module.vae, text_encoder=None, tokenizer=None, unet=module.unet, scheduler=ours.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=module.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=module.unet,
+        scheduler=ours.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     peer.set_progress_bar_config(disable=True)
     uncached = PromptEncoder(**{**cfg.model.prompt_encoder, "cache": False}).to(device)
@@ -267,8 +327,11 @@ def counterfactual_lines(bench: Bench, settings: dict[str, CounterfactualSetting
     prompts, null_prompts = [ours.normal_prompt] * c.batch_size, [NULL_PROMPT] * c.batch_size
     given = {"prompt_embeds": uncached(prompts), "negative_prompt_embeds": uncached(null_prompts)}
     sdedit = settings["sdedit"]
-    img2img = {"strength": sdedit.strength, "guidance_scale": sdedit.guidance_scale,
-               "num_inference_steps": sdedit.num_inference_steps}
+    img2img = {
+        "strength": sdedit.strength,
+        "guidance_scale": sdedit.guidance_scale,
+        "num_inference_steps": sdedit.num_inference_steps,
+    }
     generator = lambda: torch.Generator("cpu").manual_seed(cfg.seed)  # noqa: E731
     outputs = {}
 
@@ -277,44 +340,60 @@ def counterfactual_lines(bench: Bench, settings: dict[str, CounterfactualSetting
             outputs[method + suffix] = pipelines[suffix](
                 images, settings[method], target_prompt=ours.normal_prompt, generator=generator()
             ).images  # (B, 1, H, W) in [-1, 1]
+
         return stopwatch(call, device)
 
     def run_diffusers(precomputed: bool) -> Call:
         def call() -> None:
-            embeddings = given if precomputed else {"prompt_embeds": uncached(prompts),
-                                                    "negative_prompt_embeds": uncached(null_prompts)}
-            outputs["diffusers"] = peer(image=(images + 1) / 2, generator=generator(), output_type="pt",
-                                        **embeddings, **img2img).images  # (B, 1, H, W) in [0, 1]
+            embeddings = (
+                given
+                if precomputed
+                else {"prompt_embeds": uncached(prompts), "negative_prompt_embeds": uncached(null_prompts)}
+            )
+            outputs["diffusers"] = peer(
+                image=(images + 1) / 2, generator=generator(), output_type="pt", **embeddings, **img2img
+            ).images  # (B, 1, H, W) in [0, 1]
+
         return stopwatch(call, device)
 
-    what = {"sdedit_diffusers": "diffusers StableDiffusionImg2ImgPipeline, encoding its prompts every call",
-            "sdedit_diffusers_given_embeddings": "diffusers StableDiffusionImg2ImgPipeline, embeddings precomputed",
-            "sdedit_ours": "ours, sdedit", "sdedit_ours_compiled": "ours, sdedit, the UNet compiled",
-            "inversion_ours": "ours, DDIM inversion then guided DDIM"}
-    calls = {"sdedit_diffusers": run_diffusers(precomputed=False),
-             "sdedit_diffusers_given_embeddings": run_diffusers(precomputed=True),
-             **{f"sdedit_ours{suffix}": run_ours("sdedit", suffix) for suffix in pipelines},
-             "inversion_ours": run_ours("inversion")}
+    what = {
+        "sdedit_diffusers": "diffusers StableDiffusionImg2ImgPipeline, encoding its prompts every call",
+        "sdedit_diffusers_given_embeddings": "diffusers StableDiffusionImg2ImgPipeline, embeddings precomputed",
+        "sdedit_ours": "ours, sdedit",
+        "sdedit_ours_compiled": "ours, sdedit, the UNet compiled",
+        "inversion_ours": "ours, DDIM inversion then guided DDIM",
+    }
+    calls = {
+        "sdedit_diffusers": run_diffusers(precomputed=False),
+        "sdedit_diffusers_given_embeddings": run_diffusers(precomputed=True),
+        **{f"sdedit_ours{suffix}": run_ours("sdedit", suffix) for suffix in pipelines},
+        "inversion_ours": run_ours("inversion"),
+    }
     lines = [Line.of(name, what[name], measured, c.batch_size) for name, measured in bench.measure(calls).items()]
 
     checks = {}
     for suffix in pipelines:
         ours01 = (outputs["sdedit" + suffix] + 1) / 2
         differs = f"sdedit{suffix} differs from StableDiffusionImg2ImgPipeline"
-        torch.testing.assert_close(ours01, outputs["diffusers"], atol=c.atol, rtol=c.rtol,
-                                   msg=lambda m, differs=differs: f"{differs}: {m}")
+        torch.testing.assert_close(
+            ours01, outputs["diffusers"], atol=c.atol, rtol=c.rtol, msg=lambda m, differs=differs: f"{differs}: {m}"
+        )
         checks[f"sdedit{suffix}_max_abs_difference"] = (ours01 - outputs["diffusers"]).abs().max().item()
     return lines, checks
 
 
 # 5. FLOP rate of the UNet against the matrix-multiply peak, and the speed-ups we tried on it -----------------------
-def unet_variant(name: str, unet: torch.nn.Module, latents: torch.Tensor, device: torch.device
-                 ) -> tuple[Callable, torch.Tensor, contextlib.AbstractContextManager]:
+def unet_variant(
+    name: str, unet: torch.nn.Module, latents: torch.Tensor, device: torch.device
+) -> tuple[Callable, torch.Tensor, contextlib.AbstractContextManager]:
     """(the UNet to call, its input, the context to call it in) for one of ``VARIANTS``, on a copy of ``unet``."""
     unet = copy.deepcopy(unet)
     if name == "channels_last":
-        return unet.to(memory_format=torch.channels_last), latents.to(memory_format=torch.channels_last), \
-            contextlib.nullcontext()
+        return (
+            unet.to(memory_format=torch.channels_last),
+            latents.to(memory_format=torch.channels_last),
+            contextlib.nullcontext(),
+        )
     if name == "bf16_autocast":
         return unet, latents, torch.autocast(device.type, torch.bfloat16)
     if name == "compile":
@@ -333,18 +412,21 @@ def flop_lines(bench: Bench) -> list[Line]:
     latent_size = cfg.data.image_size // module.vae_scale_factor
     generator = torch.Generator().manual_seed(cfg.seed)
     latents = torch.randn(batch, unet.config.in_channels, latent_size, latent_size, generator=generator).to(device)
-    timesteps = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (batch,),
-                              generator=generator).to(device)
+    timesteps = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (batch,), generator=generator).to(
+        device
+    )
     embeddings = module.prompt_encoder(bench.images(batch, cfg.seed).prompts)  # (B, L, D)
 
-    def forward_backward(net: Callable = unet, x: torch.Tensor = latents,
-                         context: contextlib.AbstractContextManager | None = None) -> Callable[[], None]:
+    def forward_backward(
+        net: Callable = unet, x: torch.Tensor = latents, context: contextlib.AbstractContextManager | None = None
+    ) -> Callable[[], None]:
         def call() -> None:
             with context or contextlib.nullcontext():
                 prediction = net(x, timesteps, encoder_hidden_states=embeddings).sample
             prediction.float().square().mean().backward()
             for p in net.parameters():
                 p.grad = None
+
         return call
 
     with FlopCounterMode(display=False) as counter:
@@ -358,8 +440,10 @@ def flop_lines(bench: Bench) -> list[Line]:
     n = cfg.matmul_size
     calls["matmul_peak"], matmul_flops = matmul(n, device, generator)
     what["matmul_peak"] = f"float32 torch.mm {n} x {n}"
-    return [Line.of(name, what[name], measured, matmul_flops if name == "matmul_peak" else unet_flops, unit="FLOP/s")
-            for name, measured in bench.measure(calls).items()]
+    return [
+        Line.of(name, what[name], measured, matmul_flops if name == "matmul_peak" else unet_flops, unit="FLOP/s")
+        for name, measured in bench.measure(calls).items()
+    ]
 
 
 # 6. the run and its report ------------------------------------------------------------------------------------------
@@ -370,8 +454,12 @@ def quiet_lightning() -> Iterator[None]:
     level = logger.level
     logger.setLevel(logging.WARNING)
     with warnings.catch_warnings():
-        for message in ("does not have many workers", "no `val_dataloader`", "in eval mode at the start of training",
-                        "LeafSpec"):
+        for message in (
+            "does not have many workers",
+            "no `val_dataloader`",
+            "in eval mode at the start of training",
+            "LeafSpec",
+        ):
             warnings.filterwarnings("ignore", f".*{message}.*")
         try:
             yield
@@ -403,10 +491,17 @@ def run(cfg: DictConfig, settings: dict[str, CounterfactualSettings], quick: boo
 
 
 def environment(device: torch.device) -> dict:
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "lightning": L.__version__,
-            "python": platform.python_version(), "device": str(device), "num_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
 
 
 def compile_cost(eager: Line, compiled: Line, calls_per_repeat: int = 1) -> dict:
@@ -419,8 +514,9 @@ def compile_cost(eager: Line, compiled: Line, calls_per_repeat: int = 1) -> dict
     return {"seconds": seconds, "items_per_call": items, "break_even_calls": seconds / saved if saved > 0 else None}
 
 
-def report(cfg: DictConfig, lines: list[Line], checks: dict, device: torch.device, load: tuple[tuple, tuple],
-           wall: float) -> dict:
+def report(
+    cfg: DictConfig, lines: list[Line], checks: dict, device: torch.device, load: tuple[tuple, tuple], wall: float
+) -> dict:
     """The ratios of medians measured in this run; ours is the compiled line where ``compile`` timed one."""
     by = {line.name: line for line in lines}
     peak = max(by["matmul_peak"].rates)  # the best repeat: the machine's peak, not its mean under load
@@ -432,22 +528,32 @@ def report(cfg: DictConfig, lines: list[Line], checks: dict, device: torch.devic
         "train_speedup_caches_on_vs_off": by["train_ours_caches_on"].median / by["train_ours_caches_off"].median,
         "sdedit_speedup_vs_diffusers": sdedit_ours.median / by["sdedit_diffusers"].median,
         "sdedit_speedup_vs_diffusers_eager": by["sdedit_ours"].median / by["sdedit_diffusers"].median,
-        "sdedit_speedup_vs_diffusers_given_embeddings":
-            by["sdedit_ours"].median / by["sdedit_diffusers_given_embeddings"].median,
+        "sdedit_speedup_vs_diffusers_given_embeddings": by["sdedit_ours"].median
+        / by["sdedit_diffusers_given_embeddings"].median,
         "ours": {"train": train_ours.name, "sdedit": sdedit_ours.name},
-        "compile": {"train_steps": compile_cost(by["train_ours_caches_on"], by["train_ours_compiled"],
-                                                cfg.train_steps_per_repeat),
-                    "sdedit_calls": compile_cost(by["sdedit_ours"], by["sdedit_ours_compiled"]),
-                    "timed": "cold: an empty inductor cache"} if cfg.compile else None,
+        "compile": {
+            "train_steps": compile_cost(
+                by["train_ours_caches_on"], by["train_ours_compiled"], cfg.train_steps_per_repeat
+            ),
+            "sdedit_calls": compile_cost(by["sdedit_ours"], by["sdedit_ours_compiled"]),
+            "timed": "cold: an empty inductor cache",
+        }
+        if cfg.compile
+        else None,
         "unet_peak_fraction": by["unet_forward_backward"].median / peak,
-        "unet_variant_speedups": {variant: by[f"unet_{variant}"].median / by["unet_forward_backward"].median
-                                  for variant in cfg.unet_variants},
+        "unet_variant_speedups": {
+            variant: by[f"unet_{variant}"].median / by["unet_forward_backward"].median for variant in cfg.unet_variants
+        },
         "matmul_peak_flops": peak,
         "lines": {line.name: line.summary() for line in lines},
         "checks": checks,
         "memory_method": memory_method(device),
-        "environment": {**environment(device), "load_average_before": load[0], "load_average_after": load[1],
-                        "wall_seconds": wall},
+        "environment": {
+            **environment(device),
+            "load_average_before": load[0],
+            "load_average_after": load[1],
+            "wall_seconds": wall,
+        },
         "settings": OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -465,8 +571,11 @@ def compile_notes(compile: dict | None) -> list[str]:
         if calls is None:
             return f"{cost['seconds']:.0f} s, never repaid (not faster)"
         return f"{cost['seconds']:.0f} s, repaid after {calls:.0f} {unit} of {cost['items_per_call']:g} images"
-    return [f"- compilation, timed {compile['timed']}, once per process and input shape: "
-            f"training {repaid(compile['train_steps'], 'steps')}; sdedit {repaid(compile['sdedit_calls'], 'calls')}"]
+
+    return [
+        f"- compilation, timed {compile['timed']}, once per process and input shape: "
+        f"training {repaid(compile['train_steps'], 'steps')}; sdedit {repaid(compile['sdedit_calls'], 'calls')}"
+    ]
 
 
 def markdown(result: dict) -> str:
@@ -475,33 +584,43 @@ def markdown(result: dict) -> str:
     rows = ["| line | what | median | IQR | min - max | unit | peak memory (MB) |", "|---|---|---|---|---|---|---|"]
     for name, line in result["lines"].items():
         unit = line["unit"]
-        rows.append(f"| {name} | {line['what']} | {_rate(line['median'], unit)} | {_rate(line['q1'], unit)} - "
-                    f"{_rate(line['q3'], unit)} | {_rate(line['min'], unit)} - {_rate(line['max'], unit)} | "
-                    f"{unit} | {line['peak_memory_mb']:.0f} |")
+        rows.append(
+            f"| {name} | {line['what']} | {_rate(line['median'], unit)} | {_rate(line['q1'], unit)} - "
+            f"{_rate(line['q3'], unit)} | {_rate(line['min'], unit)} - {_rate(line['max'], unit)} | "
+            f"{unit} | {line['peak_memory_mb']:.0f} |"
+        )
     counterfactual = result["counterfactual_settings"]
-    return "\n".join([
-        f"Benchmark on {env['device']} ({env['cpu']}, {env['num_threads']} threads, torch {env['torch']}, "
-        f"1-min load average {env['load_average_before'][0]:.1f} before, {env['load_average_after'][0]:.1f} after, "
-        f"{env['wall_seconds']:.0f} s); each line: "
-        f"{settings['repeats']} timed repeats (a training repeat: {settings['train_steps_per_repeat']} steps) after "
-        f"{settings['warmup']} warm-up, interleaved:", "",
-        *rows, "",
-        f"- training, ours ({result['ours']['train']}) / plain loop: **{result['train_speedup_vs_plain']:.2f}x** "
-        f"(eager, caches on: {result['train_speedup_vs_plain_eager']:.2f}x; "
-        f"caches on / off: {result['train_speedup_caches_on_vs_off']:.2f}x)",
-        f"- sdedit, ours ({result['ours']['sdedit']}) / diffusers img2img: "
-        f"**{result['sdedit_speedup_vs_diffusers']:.2f}x** (eager: {result['sdedit_speedup_vs_diffusers_eager']:.2f}x;"
-        f" eager / diffusers given precomputed embeddings: "
-        f"{result['sdedit_speedup_vs_diffusers_given_embeddings']:.2f}x); outputs equal to diffusers' to "
-        f"{max(result['checks'].values()):.1e}",
-        *compile_notes(result["compile"]),
-        f"- UNet forward + backward: **{result['unet_peak_fraction']:.1%}** of the measured float32 matmul peak "
-        f"({result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, best repeat)",
-        *(f"- UNet forward + backward, {VARIANTS[variant]} / float32: {speedup:.2f}x"
-          for variant, speedup in result["unet_variant_speedups"].items()),
-        f"- peak memory: {result['memory_method']}, over the last warm-up call",
-        f"- training batch {settings['data']['batch_size']}; counterfactual batch "
-        f"{settings['counterfactual']['batch_size']}, sdedit {counterfactual['sdedit']}, "
-        f"inversion {counterfactual['inversion']}",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"Benchmark on {env['device']} ({env['cpu']}, {env['num_threads']} threads, torch {env['torch']}, "
+            f"1-min load average {env['load_average_before'][0]:.1f} before, {env['load_average_after'][0]:.1f} after, "
+            f"{env['wall_seconds']:.0f} s); each line: "
+            f"{settings['repeats']} timed repeats "
+            f"(a training repeat: {settings['train_steps_per_repeat']} steps) after "
+            f"{settings['warmup']} warm-up, interleaved:",
+            "",
+            *rows,
+            "",
+            f"- training, ours ({result['ours']['train']}) / plain loop: **{result['train_speedup_vs_plain']:.2f}x** "
+            f"(eager, caches on: {result['train_speedup_vs_plain_eager']:.2f}x; "
+            f"caches on / off: {result['train_speedup_caches_on_vs_off']:.2f}x)",
+            f"- sdedit, ours ({result['ours']['sdedit']}) / diffusers img2img: "
+            f"**{result['sdedit_speedup_vs_diffusers']:.2f}x** "
+            f"(eager: {result['sdedit_speedup_vs_diffusers_eager']:.2f}x;"
+            f" eager / diffusers given precomputed embeddings: "
+            f"{result['sdedit_speedup_vs_diffusers_given_embeddings']:.2f}x); outputs equal to diffusers' to "
+            f"{max(result['checks'].values()):.1e}",
+            *compile_notes(result["compile"]),
+            f"- UNet forward + backward: **{result['unet_peak_fraction']:.1%}** of the measured float32 matmul peak "
+            f"({result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, best repeat)",
+            *(
+                f"- UNet forward + backward, {VARIANTS[variant]} / float32: {speedup:.2f}x"
+                for variant, speedup in result["unet_variant_speedups"].items()
+            ),
+            f"- peak memory: {result['memory_method']}, over the last warm-up call",
+            f"- training batch {settings['data']['batch_size']}; counterfactual batch "
+            f"{settings['counterfactual']['batch_size']}, sdedit {counterfactual['sdedit']}, "
+            f"inversion {counterfactual['inversion']}",
+            "",
+        ]
+    )

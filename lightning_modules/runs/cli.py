@@ -19,8 +19,10 @@ def load_config(name: str, argv: list[str] | None = None) -> DictConfig:
     """``python experiments/<script>.py [group=choice] [key=value ...]``; a bad key exits with the valid ones."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
-        print(f"usage: {Path(sys.argv[0]).name} [data=NAME] [model=NAME] [trainer=NAME] [experiment=NAME] "
-              f"[key=value ...]\n\nresolved defaults:\n{OmegaConf.to_yaml(compose(name))}")
+        print(
+            f"usage: {Path(sys.argv[0]).name} [data=NAME] [model=NAME] [trainer=NAME] [experiment=NAME] "
+            f"[key=value ...]\n\nresolved defaults:\n{OmegaConf.to_yaml(compose(name))}"
+        )
         raise SystemExit(0)
     try:
         return compose(name, argv)

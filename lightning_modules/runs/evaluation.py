@@ -37,13 +37,16 @@ from lightning_modules.runs.cli import checkpoint_sampling
 from lightning_modules.settings import CounterfactualSettings, SamplingSettings, counterfactual_settings
 
 SPLITS = ("train", "val", "test")
-TITLES = {"generated": "Generated vs real (prompted with each real image's own prompt)",
-          "counterfactual": "Healthy counterfactual vs its input"}
+TITLES = {
+    "generated": "Generated vs real (prompted with each real image's own prompt)",
+    "counterfactual": "Healthy counterfactual vs its input",
+}
 
 
 @dataclass
 class Request:
     """Everything an evaluation needs but the models, checked."""
+
     generation: SamplingSettings
     counterfactual: CounterfactualSettings
     datamodule: CXRDataModule
@@ -108,15 +111,18 @@ def fidelity_columns(classifier: FindingClassifier, finding_names: Sequence[str]
     try:
         return [classifier.index(name) for name in (*finding_names, ABNORMAL)], ""
     except ValueError as err:
-        return None, (f"classifier_checkpoint was not trained on this data's findings ({err}); train one on it with "
-                      f"`make train-classifier DATA=...` and pass classifier_checkpoint=")
+        return None, (
+            f"classifier_checkpoint was not trained on this data's findings ({err}); train one on it with "
+            f"`make train-classifier DATA=...` and pass classifier_checkpoint="
+        )
 
 
 def evaluate(cfg: DictConfig, request: Request) -> dict[str, Any]:
     """Load the models, measure every image of the request, return the report (metrics.json)."""
     datamodule, generation, counterfactual = request.datamodule, request.generation, request.counterfactual
-    loader = DataLoader(Subset(request.dataset, request.indices), batch_size=cfg.batch_size,
-                        num_workers=datamodule.num_workers)
+    loader = DataLoader(
+        Subset(request.dataset, request.indices), batch_size=cfg.batch_size, num_workers=datamodule.num_workers
+    )
 
     device = device_of(cfg.device)
     pipeline = LatentDiffusionPipeline.from_checkpoint(cfg.checkpoint, device, compile=cfg.compile)
@@ -125,15 +131,19 @@ def evaluate(cfg: DictConfig, request: Request) -> dict[str, Any]:
     metrics = GenerationMetrics((NORMAL, *datamodule.finding_names), datamodule.image_size, extractors).to(device)
     # prompt fidelity reuses fid_domain's classifier, its outputs in the data's finding order then "abnormal"
     classifier = extractors["fid_domain"].classifier if "fid_domain" in extractors else None
-    columns, no_fidelity = (fidelity_columns(classifier, datamodule.finding_names) if classifier is not None
-                            else (None, skipped.get("fid_domain", "")))
+    columns, no_fidelity = (
+        fidelity_columns(classifier, datamodule.finding_names)
+        if classifier is not None
+        else (None, skipped.get("fid_domain", ""))
+    )
     scores: dict[str, list[torch.Tensor]] = {"generated": [], "real": []}  # (B, K + 1) per batch
     labels, label_masks = [], []
 
     for batch in tqdm(loader, desc=f"evaluate {cfg.split}", unit="batch"):
         real = batch["image"].to(device)
-        fakes = evaluation_images(pipeline, {**batch, "image": real}, generation, counterfactual, cfg.seed,
-                                  target_prompt)
+        fakes = evaluation_images(
+            pipeline, {**batch, "image": real}, generation, counterfactual, cfg.seed, target_prompt
+        )
         metrics.update(real, image_groups(batch["label"], datamodule.finding_names), **fakes)
         if columns is not None:
             for images, x in (("generated", fakes["generated"]), ("real", real)):
@@ -150,17 +160,29 @@ def evaluate(cfg: DictConfig, request: Request) -> dict[str, Any]:
     if columns is None:
         notes.append(f"prompt_fidelity skipped: {no_fidelity}")
     else:
-        fidelity = prompt_fidelity({images: torch.cat(s) for images, s in scores.items()}, torch.cat(labels),
-                                   datamodule.finding_names, torch.cat(label_masks) if label_masks else None)
+        fidelity = prompt_fidelity(
+            {images: torch.cat(s) for images, s in scores.items()},
+            torch.cat(labels),
+            datamodule.finding_names,
+            torch.cat(label_masks) if label_masks else None,
+        )
     return {
-        "checkpoint": str(cfg.checkpoint), "data": cfg.data.name, "split": cfg.split,
-        "num_images": len(request.indices), "image_size": datamodule.image_size,
+        "checkpoint": str(cfg.checkpoint),
+        "data": cfg.data.name,
+        "split": cfg.split,
+        "num_images": len(request.indices),
+        "image_size": datamodule.image_size,
         "settings": {  # as resolved: the YAML's values over the checkpoint's defaults
             "generated": {**generation.asdict(), "prompts": "each real image's own prompt"},
-            "counterfactual": {"method": counterfactual.method, **counterfactual.asdict(),
-                               "target_prompt": target_prompt},
-            "seed": cfg.seed, "noise": "per image: seed + crc32(image id)",
-            "scheduler": "DDIM", **metrics.settings(),
+            "counterfactual": {
+                "method": counterfactual.method,
+                **counterfactual.asdict(),
+                "target_prompt": target_prompt,
+            },
+            "seed": cfg.seed,
+            "noise": "per image: seed + crc32(image id)",
+            "scheduler": "DDIM",
+            **metrics.settings(),
         },
         "notes": notes,
         "results": results,
@@ -179,20 +201,45 @@ def fidelity_markdown(report: dict[str, Any]) -> list[str]:
     fidelity = report["prompt_fidelity"]
     if fidelity is None:
         return []
-    header = ["Prompt names", "Classifier output", "n (vs reference)", "Samples: p prompted", "p reference", "AUROC",
-              "Real: p prompted", "p reference", "AUROC (ceiling)"]
-    lines = ["## Prompt fidelity of the generated images (finding classifier)", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    header = [
+        "Prompt names",
+        "Classifier output",
+        "n (vs reference)",
+        "Samples: p prompted",
+        "p reference",
+        "AUROC",
+        "Real: p prompted",
+        "p reference",
+        "AUROC (ceiling)",
+    ]
+    lines = [
+        "## Prompt fidelity of the generated images (finding classifier)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|",
+    ]
     for name, row in fidelity.items():
-        values = [_cell(row[images][key], ".3f") for images in ("generated", "real")
-                  for key in ("p_prompted", "p_reference", "auroc")]
-        lines.append("| " + " | ".join([name, f"p({row['score']})", f"{row['n']} vs {row['n_reference']} "
-                                        f"{row['reference']}", *values]) + " |")
-    return lines + ["", "Samples: the generated images above, each prompted with its real image's prompt. A finding's "
-                    "row: samples whose prompt names it vs normal-prompted samples; Normal's row: p(abnormal) on "
-                    "normal-prompted samples vs on finding-prompted ones. AUROC: how well that output separates the "
-                    "two sets (finding side positive); on the real images, what the classifier itself reaches. An "
-                    "image with several findings counts for each.", ""]
+        values = [
+            _cell(row[images][key], ".3f")
+            for images in ("generated", "real")
+            for key in ("p_prompted", "p_reference", "auroc")
+        ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [name, f"p({row['score']})", f"{row['n']} vs {row['n_reference']} {row['reference']}", *values]
+            )
+            + " |"
+        )
+    return lines + [
+        "",
+        "Samples: the generated images above, each prompted with its real image's prompt. A finding's "
+        "row: samples whose prompt names it vs normal-prompted samples; Normal's row: p(abnormal) on "
+        "normal-prompted samples vs on finding-prompted ones. AUROC: how well that output separates the "
+        "two sets (finding side positive); on the real images, what the classifier itself reaches. An "
+        "image with several findings counts for each.",
+        "",
+    ]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -202,34 +249,59 @@ def markdown(report: dict[str, Any]) -> str:
     header = ["Class", "n", *(title for _, title in fids), "SSIM ↑", "MS-SSIM ↑"]
     ms = settings["ms_ssim"]
     extractors = settings["fid_extractors"]
-    lines = [f"# Generation quality: {report['data']} {report['split']}, {report['num_images']} images "
-             f"({report['image_size']} px)", "", f"Checkpoint `{report['checkpoint']}`.", ""]
+    lines = [
+        f"# Generation quality: {report['data']} {report['split']}, {report['num_images']} images "
+        f"({report['image_size']} px)",
+        "",
+        f"Checkpoint `{report['checkpoint']}`.",
+        "",
+    ]
     for pair in PAIRS:
-        lines += [f"## {TITLES[pair]}", "", "| " + " | ".join(header) + " |",
-                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines += [
+            f"## {TITLES[pair]}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        ]
         for group in [*(g for g in results if g != OVERALL), OVERALL]:
             row = results[group]
             values = row[pair]
             name = f"**{group}**" if group == OVERALL else group
-            lines.append("| " + " | ".join([
-                name, str(row["n"]), *(_cell(values.get(key), ".4g") for key, _ in fids),
-                _cell(values["ssim"], ".4f"), _cell(values["ms_ssim"], ".4f")]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        name,
+                        str(row["n"]),
+                        *(_cell(values.get(key), ".4g") for key, _ in fids),
+                        _cell(values["ssim"], ".4f"),
+                        _cell(values["ms_ssim"], ".4f"),
+                    ]
+                )
+                + " |"
+            )
         s = settings[pair]
         if pair == "generated":
             how = f"prompts: {s['prompts']}; DDIM steps {s['num_inference_steps']}, guidance {s['guidance_scale']}"
         else:
-            depth = f"strength {s['strength']}" if s["method"] == "sdedit" else \
-                f"inversion depth {s['inversion_depth']}"
-            how = (f"method {s['method']}, DDIM steps {s['num_inference_steps']}, guidance {s['guidance_scale']}, "
-                   f"{depth}; target prompt \"{s['target_prompt']}\"")
+            depth = (
+                f"strength {s['strength']}" if s["method"] == "sdedit" else f"inversion depth {s['inversion_depth']}"
+            )
+            how = (
+                f"method {s['method']}, DDIM steps {s['num_inference_steps']}, guidance {s['guidance_scale']}, "
+                f'{depth}; target prompt "{s["target_prompt"]}"'
+            )
         lines += ["", f"Settings: {how}; seed {settings['seed']} ({settings['noise']}).", ""]
-    lines += ["FID extractors: " + ("; ".join(f"`{k}` = {v}" for k, v in extractors.items()) or "none") + ". "
-              "FID (domain) is on the classifier's feature scale, not comparable with Inception FIDs.",
-              f"MS-SSIM: {ms['scales']} scales, {ms['kernel_size']}-px Gaussian window (sigma {ms['sigma']:.3g}), "
-              "exponents " + ", ".join(f"{b:.3f}" for b in ms["betas"]) + " (Wang et al.'s first scales, "
-              "renormalised). SSIM/MS-SSIM pairs: each generated image with the real image whose prompt it got; "
-              "each counterfactual with its input. Classes: Normal = no finding; an image with several findings "
-              "counts in each.", ""]
+    lines += [
+        "FID extractors: " + ("; ".join(f"`{k}` = {v}" for k, v in extractors.items()) or "none") + ". "
+        "FID (domain) is on the classifier's feature scale, not comparable with Inception FIDs.",
+        f"MS-SSIM: {ms['scales']} scales, {ms['kernel_size']}-px Gaussian window (sigma {ms['sigma']:.3g}), "
+        "exponents " + ", ".join(f"{b:.3f}" for b in ms["betas"]) + " (Wang et al.'s first scales, "
+        "renormalised). SSIM/MS-SSIM pairs: each generated image with the real image whose prompt it got; "
+        "each counterfactual with its input. Classes: Normal = no finding; an image with several findings "
+        "counts in each.",
+        "",
+    ]
     lines += fidelity_markdown(report)
     lines += [f"Note: {note}" for note in report["notes"]]
     return "\n".join(lines).rstrip() + "\n"

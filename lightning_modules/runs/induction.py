@@ -32,8 +32,15 @@ from lightning_modules.settings import InductionSettings
 #: means reported in metrics.json. The first four score the output; the ``edit_`` ones the latent blend alone (the
 #: decoded result before the paste against the original's VAE round trip), and ``round_trip_ssim_outside`` the
 #: autoencoder's own error, which the paste removes.
-SCORES = ("inside_fraction", "ssim_outside", "classifier_prob_before", "classifier_prob_after",
-          "edit_inside_fraction", "edit_ssim_outside", "round_trip_ssim_outside")
+SCORES = (
+    "inside_fraction",
+    "ssim_outside",
+    "classifier_prob_before",
+    "classifier_prob_after",
+    "edit_inside_fraction",
+    "edit_ssim_outside",
+    "round_trip_ssim_outside",
+)
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Inputs:
 @dataclass
 class Request:
     """Everything a run needs but the models, checked."""
+
     settings: InductionSettings
     region: RegionSpec
     prompt: str
@@ -53,8 +61,9 @@ class Request:
 
 
 # 1. check arguments and gather inputs (no model yet) --------------------------------------------------------------
-def build_prompt(prompt: str | None, finding: str, datamodule: CXRDataModule, region: RegionSpec,
-                 data_name: str = "data") -> str:
+def build_prompt(
+    prompt: str | None, finding: str, datamodule: CXRDataModule, region: RegionSpec, data_name: str = "data"
+) -> str:
     """The given prompt, else the bank's first phrasing of the finding at the zone (e.g. "small nodule in the left
     lower zone"), the fixed wording the model was trained on."""
     if prompt is not None:
@@ -72,6 +81,7 @@ def build_prompt(prompt: str | None, finding: str, datamodule: CXRDataModule, re
 
 def normal_indices(dataset, count: int) -> list[int]:
     """The first ``count`` samples with no finding: all-zero labels, every label observed."""
+
     def is_normal(i: int) -> bool:
         if hasattr(dataset, "findings"):  # phantoms: no rendering needed
             return not dataset.findings(i)
@@ -90,8 +100,9 @@ def folder_inputs(path: str, size: int, region: RegionSpec) -> Inputs:
     """Every readable image under ``path`` (``ImageFolder``: ids are paths under the folder), the region on each;
     unreadable files are skipped with a warning."""
     if region.needs_lung_mask:
-        raise RegionError(f"zone '{region.zone}' needs lung masks, which image files do not bring: give box= or "
-                          "mask_path=")
+        raise RegionError(
+            f"zone '{region.zone}' needs lung masks, which image files do not bring: give box= or mask_path="
+        )
     folder = ImageFolder(path, size)
     for note in folder.notes:
         log.warning("%s", note)
@@ -105,12 +116,14 @@ def folder_inputs(path: str, size: int, region: RegionSpec) -> Inputs:
     if not readable:
         raise ValueError(f"input: no readable image under {path}")
     mask = torch.from_numpy(region.mask(size))[None]
-    return Inputs([s["id"] for s in readable], torch.stack([s["image"] for s in readable]),
-                  torch.stack([mask] * len(readable)))
+    return Inputs(
+        [s["id"] for s in readable], torch.stack([s["image"] for s in readable]), torch.stack([mask] * len(readable))
+    )
 
 
-def dataset_inputs(datamodule: CXRDataModule, split: str, count: int, region: RegionSpec,
-                   data_name: str = "data") -> Inputs:
+def dataset_inputs(
+    datamodule: CXRDataModule, split: str, count: int, region: RegionSpec, data_name: str = "data"
+) -> Inputs:
     """The first ``count`` normal images of ``split``; a zone region is cut from each image's lung mask."""
     size = datamodule.image_size
     dataset = datamodule.dataset(split)
@@ -118,8 +131,10 @@ def dataset_inputs(datamodule: CXRDataModule, split: str, count: int, region: Re
     for i in normal_indices(dataset, count):
         sample = dataset[i]
         if region.needs_lung_mask and "lung_mask" not in sample:
-            raise RegionError(f"zone '{region.zone}' needs lung masks, which {data_name} does not serve here "
-                              "(covid_radiography: data.lung_masks=true); or give box= or mask_path=")
+            raise RegionError(
+                f"zone '{region.zone}' needs lung masks, which {data_name} does not serve here "
+                "(covid_radiography: data.lung_masks=true); or give box= or mask_path="
+            )
         lung = sample["lung_mask"][0].numpy() if "lung_mask" in sample else None
         ids.append(str(sample["id"]).replace("/", "_"))
         images.append(sample["image"])
@@ -132,22 +147,27 @@ def prepare(cfg: DictConfig) -> Request:
     one-line user error. ``cfg.induction`` holds the ``InductionSettings``; null steps or guidance: the checkpoint's."""
     if not cfg.seeds or cfg.num_images < 1 or cfg.batch_size < 1:
         raise ValueError("need at least one seed, num_images >= 1 and batch_size >= 1")
-    settings = InductionSettings.build(checkpoint_sampling(cfg.checkpoint),
-                                       **OmegaConf.to_container(cfg.induction, resolve=True))
+    settings = InductionSettings.build(
+        checkpoint_sampling(cfg.checkpoint), **OmegaConf.to_container(cfg.induction, resolve=True)
+    )
     try:
         datamodule = instantiate(cfg.data)
     except FileNotFoundError as err:  # a missing data root
         raise ValueError(f"data: {err}") from None
     region = RegionSpec.parse(datamodule.image_size, cfg.zone, cfg.box, cfg.mask_path)
     prompt = build_prompt(cfg.prompt, cfg.finding, datamodule, region, cfg.data.name)
-    inputs = folder_inputs(cfg.input, datamodule.image_size, region) if cfg.input else \
-        dataset_inputs(datamodule, cfg.split, cfg.num_images, region, cfg.data.name)
+    inputs = (
+        folder_inputs(cfg.input, datamodule.image_size, region)
+        if cfg.input
+        else dataset_inputs(datamodule, cfg.split, cfg.num_images, region, cfg.data.name)
+    )
     return Request(settings, region, prompt, inputs)
 
 
 # 2. induce and score ------------------------------------------------------------------------------------------------
-def finding_probability(checkpoint: str | None, finding: str,
-                        device: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def finding_probability(
+    checkpoint: str | None, finding: str, device: str
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """images (B, 1, H, W) -> (B,) the independent classifier's probability of ``finding``; None (with a note)
     when there is no classifier checkpoint or it does not score that finding."""
     if not checkpoint or not Path(checkpoint).is_file():
@@ -169,40 +189,51 @@ class Induction:
     scores: dict[str, float | None]
 
 
-def induce_all(pipeline: LatentDiffusionPipeline, request: Request, seeds: Sequence[int], batch_size: int,
-               probability: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[Induction]:
+def induce_all(
+    pipeline: LatentDiffusionPipeline,
+    request: Request,
+    seeds: Sequence[int],
+    batch_size: int,
+    probability: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[Induction]:
     """One induction per input and seed, in batches; each (seed, batch) draws from its own
     ``torch.Generator("cpu").manual_seed(seed)``."""
     inputs, done = request.inputs, []
     for seed in seeds:
         for lo in range(0, len(inputs.ids), batch_size):
-            images, regions = inputs.images[lo:lo + batch_size], inputs.regions[lo:lo + batch_size]
-            result = pipeline.induce(images, regions.float(), request.prompt, request.settings,
-                                     torch.Generator("cpu").manual_seed(seed))
+            images, regions = inputs.images[lo : lo + batch_size], inputs.regions[lo : lo + batch_size]
+            result = pipeline.induce(
+                images, regions.float(), request.prompt, request.settings, torch.Generator("cpu").manual_seed(seed)
+            )
             induced, decoded, round_trip = result.images.cpu(), result.decoded.cpu(), result.round_trip.cpu()
-            scores = {"inside_fraction": inside_fraction(result.difference.cpu(), regions),
-                      "ssim_outside": ssim_outside(induced, images, regions),
-                      "edit_inside_fraction": inside_fraction(decoded - round_trip, regions),
-                      "edit_ssim_outside": ssim_outside(decoded, round_trip, regions),
-                      "round_trip_ssim_outside": ssim_outside(round_trip, images, regions)}
+            scores = {
+                "inside_fraction": inside_fraction(result.difference.cpu(), regions),
+                "ssim_outside": ssim_outside(induced, images, regions),
+                "edit_inside_fraction": inside_fraction(decoded - round_trip, regions),
+                "edit_ssim_outside": ssim_outside(decoded, round_trip, regions),
+                "round_trip_ssim_outside": ssim_outside(round_trip, images, regions),
+            }
             if probability is not None:
-                scores["classifier_prob_before"], scores["classifier_prob_after"] = \
-                    probability(torch.cat([images, induced])).chunk(2)
-            done += [Induction(lo + k, seed, induced[k], {key: float(v[k]) for key, v in scores.items()})
-                     for k in range(len(images))]
+                scores["classifier_prob_before"], scores["classifier_prob_after"] = probability(
+                    torch.cat([images, induced])
+                ).chunk(2)
+            done += [
+                Induction(lo + k, seed, induced[k], {key: float(v[k]) for key, v in scores.items()})
+                for k in range(len(images))
+            ]
     return done
 
 
 # 3. outputs ---------------------------------------------------------------------------------------------------------
-def save_panel(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
-               vmax: float) -> None:
+def save_panel(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], vmax: float) -> None:
     """original | region | induced | difference, one row per (title, ...); grey in [0, 1], the difference signed."""
     figure = Figure(figsize=(8.8, 2.2 * len(rows)), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), 4, squeeze=False)
     for row, (title, original, region, induced, difference) in zip(axes, rows, strict=True):
-        for ax, picture, name in zip(row, (original, original, induced), (f"original, {title}", "region", "induced"),
-                                     strict=False):
+        for ax, picture, name in zip(
+            row, (original, original, induced), (f"original, {title}", "region", "induced"), strict=False
+        ):
             ax.imshow(picture, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_title(name, fontsize=8)
         tint = np.zeros((*region.shape, 4))
@@ -229,8 +260,15 @@ def write_outputs(out: Path, inputs: Inputs, inductions: list[Induction]) -> Non
         name = f"{inputs.ids[done.index]}_seed{done.seed}"
         save_gray_png(out / "induced" / f"{name}.png", picture)
         save_array(out / "difference" / f"{name}.npy", difference)
-        panels.setdefault(done.index, []).append((f"seed {done.seed}", originals[done.index],
-                                                  inputs.regions[done.index, 0].float().numpy(), picture, difference))
+        panels.setdefault(done.index, []).append(
+            (
+                f"seed {done.seed}",
+                originals[done.index],
+                inputs.regions[done.index, 0].float().numpy(),
+                picture,
+                difference,
+            )
+        )
     for index, rows in panels.items():
         save_panel(out / "panels" / f"{inputs.ids[index]}.png", rows, vmax)
 
@@ -239,7 +277,9 @@ def summarize(inductions: list[Induction]) -> dict[str, float | None]:
     """Means over inputs and seeds; ``classifier_rise_fraction``: share where the finding's probability rose."""
     scores = [done.scores for done in inductions]
     summary = {key: float(np.mean([s[key] for s in scores])) if key in scores[0] else None for key in SCORES}
-    summary["classifier_rise_fraction"] = float(np.mean(
-        [s["classifier_prob_after"] > s["classifier_prob_before"] for s in scores])) \
-        if summary["classifier_prob_after"] is not None else None
+    summary["classifier_rise_fraction"] = (
+        float(np.mean([s["classifier_prob_after"] > s["classifier_prob_before"] for s in scores]))
+        if summary["classifier_prob_after"] is not None
+        else None
+    )
     return summary

@@ -84,6 +84,7 @@ Call = Callable[[PeakMemory | None], float]
 
 def stopwatch(fn: Callable[[], object], device: torch.device) -> Call:
     """``fn`` as a ``Call``: its whole wall time counts (the device synchronized before and after)."""
+
     def call(memory: PeakMemory | None = None) -> float:
         with memory or contextlib.nullcontext():
             synchronize(device)
@@ -91,6 +92,7 @@ def stopwatch(fn: Callable[[], object], device: torch.device) -> Call:
             fn()
             synchronize(device)
             return time.perf_counter() - start
+
     return call
 
 
@@ -101,8 +103,9 @@ class Measured:
     first_call_seconds: float  # wall time of the first call: with its one-time work (caches, kernels, compilation)
 
 
-def measure(calls: dict[str, Call], device: torch.device, warmup: int = 2, repeats: int = 5,
-            memory_interval: float = 0.002) -> dict[str, Measured]:
+def measure(
+    calls: dict[str, Call], device: torch.device, warmup: int = 2, repeats: int = 5, memory_interval: float = 0.002
+) -> dict[str, Measured]:
     """Each line's seconds over ``repeats`` rounds after ``warmup`` calls, and its peak memory in the last warm-up
     call (the first call of a line allocates one-time caches: kernels, lazily built buffers, embedding caches).
 
@@ -122,7 +125,7 @@ def measure(calls: dict[str, Call], device: torch.device, warmup: int = 2, repea
                 first[name] = time.perf_counter() - start
     seconds = {name: [] for name in calls}
     for round_ in range(repeats):
-        for name in (list(calls) if round_ % 2 == 0 else reversed(list(calls))):
+        for name in list(calls) if round_ % 2 == 0 else reversed(list(calls)):
             seconds[name].append(calls[name]())
     return {name: Measured(seconds[name], memory[name].peak_bytes, first[name]) for name in calls}
 
@@ -130,6 +133,7 @@ def measure(calls: dict[str, Call], device: torch.device, warmup: int = 2, repea
 @dataclass
 class Line:
     """One measured line: the seconds of each timed repeat, each processing ``items`` images (or FLOPs)."""
+
     name: str
     what: str
     seconds: list[float]
@@ -152,10 +156,20 @@ class Line:
 
     def summary(self) -> dict:
         q1, q3 = np.percentile(self.rates, [25, 75])
-        return {"what": self.what, "unit": self.unit, "median": self.median, "q1": float(q1), "q3": float(q3),
-                "min": float(self.rates.min()), "max": float(self.rates.max()), "repeats": len(self.seconds),
-                "seconds": self.seconds, "items_per_repeat": self.items,
-                "peak_memory_mb": self.peak_memory_bytes / 2**20, "first_call_seconds": self.first_call_seconds}
+        return {
+            "what": self.what,
+            "unit": self.unit,
+            "median": self.median,
+            "q1": float(q1),
+            "q3": float(q3),
+            "min": float(self.rates.min()),
+            "max": float(self.rates.max()),
+            "repeats": len(self.seconds),
+            "seconds": self.seconds,
+            "items_per_repeat": self.items,
+            "peak_memory_mb": self.peak_memory_bytes / 2**20,
+            "first_call_seconds": self.first_call_seconds,
+        }
 
 
 def matmul(size: int, device: torch.device, generator: torch.Generator) -> tuple[Call, float]:

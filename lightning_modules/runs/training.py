@@ -43,21 +43,31 @@ def build_latent_diffusion(cfg: DictConfig, datamodule: CXRDataModule, **overrid
     cache_latents = model["cache_latents"] and not datamodule.has_random_augmentation
     if model["cache_latents"] and not cache_latents:
         log.warning("model.cache_latents ignored: the data has random augmentation, so latents change every epoch")
-    arguments = dict({key: model[key] for key in MODULE_KEYS}, cache_latents=cache_latents,
-                     image_size=datamodule.image_size, total_steps=cfg.trainer.max_steps,
-                     sampling={**model["sampling"], "normal_prompt": datamodule.normal_prompt})
+    arguments = dict(
+        {key: model[key] for key in MODULE_KEYS},
+        cache_latents=cache_latents,
+        image_size=datamodule.image_size,
+        total_steps=cfg.trainer.max_steps,
+        sampling={**model["sampling"], "normal_prompt": datamodule.normal_prompt},
+    )
     return LatentDiffusionModule(**{**arguments, **overrides})
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], monitor: str = "val/loss") -> L.Trainer:
     run_dir = Path(cfg.log_dir) / cfg.run_name
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", default_hp_metric=False)
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="min",
-                                  save_top_k=1, save_last=True, enable_version_counter=False)
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.pop("name", None)
-    return L.Trainer(**trainer_args, logger=logger,
-                     callbacks=[checkpoints, LearningRateMonitor("step"), *callbacks])
+    return L.Trainer(**trainer_args, logger=logger, callbacks=[checkpoints, LearningRateMonitor("step"), *callbacks])
 
 
 def save_config(cfg: DictConfig, trainer: L.Trainer) -> None:
@@ -69,11 +79,15 @@ def save_config(cfg: DictConfig, trainer: L.Trainer) -> None:
 
 
 def resume_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path=last`` continues logs/<run_name>/checkpoints/last.ckpt (step, optimizer, EMA); a path is used as is."""
+    """``ckpt_path=last`` continues logs/<run_name>/checkpoints/last.ckpt (step, optimizer, EMA); a path is used
+    as is."""
     if cfg.ckpt_path in (None, "null", ""):
         return None
-    path = Path(cfg.log_dir) / cfg.run_name / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" \
+    path = (
+        Path(cfg.log_dir) / cfg.run_name / "checkpoints" / "last.ckpt"
+        if cfg.ckpt_path == "last"
         else Path(cfg.ckpt_path)
+    )
     if not path.is_file():
         if cfg.ckpt_path == "last":
             log.warning("ckpt_path=last: no %s yet, starting a new run", path)
