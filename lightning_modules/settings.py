@@ -50,8 +50,8 @@ class SamplingSettings:
         object.__setattr__(self, name, float(value))
         if int(self.num_inference_steps * value) < 1:  # the pipeline would have no timestep to start from
             raise ValueError(
-                f"{name} {value} of {self.num_inference_steps} steps runs no denoising step: raise "
-                f"{name} or num_inference_steps to at least {math.ceil(1 / value)}"
+                f"{name} {value} of {self.num_inference_steps} steps runs no denoising step: raise {name} "
+                f"to at least 1/{self.num_inference_steps} or num_inference_steps to at least {math.ceil(1 / value)}"
             )
 
     @classmethod

@@ -71,7 +71,8 @@ def test_numbers_are_normalised_to_floats_and_settings_are_frozen():
         (
             SDEditSettings,
             dict(strength=0.1, num_inference_steps=5),
-            "strength 0.1 of 5 steps runs no denoising step: raise strength or num_inference_steps to at least 10",
+            "strength 0.1 of 5 steps runs no denoising step: raise strength to at least 1/5 "
+            "or num_inference_steps to at least 10",
         ),
         (InversionSettings, dict(inversion_depth=-0.1), r"inversion_depth must be in \(0, 1\]"),
         (InversionSettings, dict(inversion_depth=0.2, num_inference_steps=4), "at least 5"),
