@@ -21,6 +21,7 @@ step() {
 
 step "stage 1: autoencoder"
 $PY experiments/train_autoencoder.py log_dir=$LOGS trainer.enable_progress_bar=false "$@"
+mkdir -p "$OUT/autoencoder" && cp "$LOGS"/autoencoder/round_trip.{json,md} "$OUT/autoencoder/"
 
 # the independent classifier comes before stage 2, whose fid_domain curves use its features (and scores the rest)
 step "finding classifier"

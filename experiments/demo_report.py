@@ -2,10 +2,10 @@
 
     python experiments/demo_report.py [outputs/demo] [--results docs/results.md]
 
-Reads ``timings.tsv`` (written by experiments/demo.sh), ``attribution/metrics.md``, ``evaluation/metrics.md`` and
-``induction/<finding>/metrics.json``; writes ``report.md`` beside them, the same text to ``--results`` (default: the
-repository's ``docs/results.md``, which the README links instead of copying numbers) and prints it. Every number in
-it traces back to a file a re-run rewrites.
+Reads ``timings.tsv`` (written by experiments/demo.sh), ``autoencoder/round_trip.md``, ``attribution/metrics.md``,
+``evaluation/metrics.md`` and ``induction/<finding>/metrics.json``; writes ``report.md`` beside them, the same text
+to ``--results`` (default: the repository's ``docs/results.md``, which the README links instead of copying numbers)
+and prints it. Every number in it traces back to a file a re-run rewrites.
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ def section(title: str, command: str, body: list[str] | str) -> list[str]:
 def report(root: Path) -> str:
     lines = ["# What `make demo` measured", "", HEADER, ""]
     lines += section("Time per step", "bash experiments/demo.sh", timings(root))
+    if (root / "autoencoder" / "round_trip.md").is_file():
+        lines += section(
+            "Stage 1: the autoencoder's round trip (held-out test phantoms), the floor of every counterfactual",
+            "python experiments/train_autoencoder.py (after training: trainer.test)",
+            (root / "autoencoder" / "round_trip.md").read_text(),
+        )
     lines += section(
         "Healthy counterfactuals and attribution maps (held-out test phantoms)",
         "python experiments/counterfactual_attribution.py output_dir=outputs/demo/attribution",

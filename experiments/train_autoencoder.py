@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from lightning_modules.autoencoder import AutoencoderModule
 from lightning_modules.image_callbacks import ReconstructionLogger
-from lightning_modules.runs.cli import load_config, log
+from lightning_modules.runs.cli import load_config, log, write_results
 from lightning_modules.runs.training import build_datamodule, build_trainer, fit, seed_and_threads
 
 
@@ -24,8 +24,15 @@ def main(argv: list[str] | None = None) -> Path | None:
     )
     trainer = build_trainer(cfg, [ReconstructionLogger(**cfg.callbacks.reconstructions)])
     fit(cfg, trainer, module, datamodule)
+    round_trip = trainer.test(module, datamodule=datamodule, verbose=False)[0]  # the weights exported below
     if not trainer.is_global_zero:
         return None
+    table = (
+        "| split | images | round-trip SSIM | round-trip MAE (grey levels) |\n|---|---:|---:|---:|\n"
+        f"| test | {len(datamodule.dataset('test'))} | {round_trip['test/round_trip_ssim']:.3f} | "
+        f"{round_trip['test/round_trip_mae']:.4f} |\n"
+    )
+    write_results(Path(cfg.log_dir) / cfg.run_name, "round_trip", round_trip, table)
     scaling_factor = module.latent_scaling_factor(datamodule.train_dataloader())
     export_dir = module.export(Path(cfg.log_dir) / cfg.run_name / "vae", scaling_factor)
     log.warning("exported the VAE to %s (scaling_factor %.4f)", export_dir, scaling_factor)

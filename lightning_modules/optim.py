@@ -27,8 +27,9 @@ def adamw_with_warmup(
     betas: tuple[float, float] = (0.9, 0.999),
     grad_scaled: bool = False,
 ) -> dict:
-    params = list(params)
-    fused = not grad_scaled and all(p.device.type in FUSED_DEVICES and p.dtype == torch.float32 for p in params)
+    params = list(params)  # tensors, or parameter groups (dicts with "params")
+    tensors = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
+    fused = not grad_scaled and all(p.device.type in FUSED_DEVICES and p.dtype == torch.float32 for p in tensors)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=fused or None)
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -5,6 +5,7 @@ logs under its own ``tmp_path``."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,8 +43,13 @@ def test_stage1_trains_logs_and_exports_a_diffusers_vae(stage1):
     vae = load_vae(str(stage1 / "autoencoder" / "vae"))
     assert vae.config.in_channels == 1 and vae.config.scaling_factor > 0
     events = _events(stage1 / "autoencoder")
-    assert "train/loss" in events.Tags()["scalars"]
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/ssim", "train/d_loss", "train/d_weight", "train/logits_fake"} <= set(scalars)
+    d_weight = [e.value for e in events.Scalars("train/d_weight")]
+    assert d_weight[0] == 0 and d_weight[-1] > 0  # the adversarial term joins at disc_start (step 2 of 4)
     assert "autoencoder/input_over_reconstruction" in events.Tags()["images"]
+    round_trip = json.loads((stage1 / "autoencoder" / "round_trip.json").read_text())
+    assert 0 < round_trip["test/round_trip_mae"] < 1 and -1 < round_trip["test/round_trip_ssim"] < 1
     assert (next((stage1 / "autoencoder").glob("version_*")) / "config.yaml").is_file()
 
 
