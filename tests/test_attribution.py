@@ -13,6 +13,7 @@ from lightning_modules.methods import METHODS, Method, MethodOutput, Models, bui
 from lightning_modules.methods.diffedit import DiffEditSettings, diffedit_latent_map, diffedit_map
 from lightning_modules.methods.mean_healthy import mean_healthy_image
 from lightning_modules.methods.reconstruction import reconstruct
+from lightning_modules.methods.refined import EditMask
 from lightning_modules.overlays import blend_heat, save_array, save_gray_png, save_overlay
 from lightning_modules.prompt_encoder import NULL_PROMPT
 from lightning_modules.settings import InversionSettings, SamplingSettings, SDEditSettings
@@ -65,10 +66,11 @@ def test_per_image_normalisation():
 
 # ---- the registry: methods built from their config blocks, validated once ----------------------------------------
 def test_the_registry_holds_ours_and_every_baseline_with_what_they_need():
-    assert set(METHODS) == {"sdedit", "inversion", "mean_healthy", "reconstruction", "diffedit", "saliency"}
+    assert set(METHODS) == {"sdedit", "inversion", "refined", "mean_healthy", "reconstruction", "diffedit", "saliency"}
     assert {n for n, m in METHODS.items() if m.counterfactual} == {
         "sdedit",
         "inversion",
+        "refined",
         "mean_healthy",
         "reconstruction",
     }
@@ -309,3 +311,48 @@ def test_overlay_panel_array_and_png_files(tmp_path):
     np.testing.assert_array_equal(np.load(save_array(tmp_path / "m.npy", heat)), heat)
     grey = np.asarray(Image.open(save_gray_png(tmp_path / "g.png", image)))
     assert grey.dtype == np.uint8 and grey[0, 0] == 0 and grey[-1, -1] == 255
+
+
+# ---- refined: a second pass inside the first pass's edit mask ---------------------------------------------------
+def test_edit_mask_keeps_the_maps_high_part_grown_by_dilate():
+    images = torch.zeros(1, 1, 16, 16)
+    first = images.clone()
+    first[0, 0, 8, 8], first[0, 0, 2, 2] = -1.0, -0.2  # the input is denser than its counterfactual at two pixels
+    mask = EditMask(kind="positive", sigma=0.0, fraction=0.5, dilate=1)(images, first)
+    assert mask[0, 0, 7:10, 7:10].eq(1).all() and mask.sum() == 9  # the strong pixel and its 3x3 neighbourhood only
+    assert EditMask(sigma=0.0, fraction=0.1, dilate=0)(images, first).sum() == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("refined.first=diffedit", "refined: first must be one of sdedit, inversion"),
+        ("refined.fraction=0", r"refined: fraction must be in \(0, 1\]"),
+        ("refined.dilate=-1", "refined: dilate must be an integer"),
+        ("refined.kind=blurry", "refined: unknown map kind"),
+        ("refined.strength=0", "refined: strength must be in"),
+    ],
+)
+def test_refined_settings_fail_when_built(override, message):
+    with pytest.raises(ValueError, match=message):
+        build("refined", attribution_config(override), CHECKPOINT_DEFAULTS)
+
+
+def test_refined_changes_only_inside_the_first_passs_mask(tiny_pipeline, images):
+    cfg = attribution_config(
+        "refined.first=sdedit",
+        "sdedit.strength=0.5",
+        "refined.fraction=0.6",
+        "refined.feather=0",
+        "target_prompt=clear lungs",
+    )
+    method = build("refined", cfg, CHECKPOINT_DEFAULTS)
+    output = method(images, Models(tiny_pipeline), seeded(0))
+    first = tiny_pipeline(images, method.first.settings, "clear lungs", seeded(0)).images
+    mask = method.mask(images, first)
+    assert 0 < mask.mean() < 1
+    outside = mask == 0
+    torch.testing.assert_close(output.counterfactual[outside], images[outside])  # the input's own pixels
+    assert not torch.allclose(output.counterfactual[~outside], images[~outside])
+    again = method(images, Models(tiny_pipeline), seeded(0))
+    torch.testing.assert_close(again.counterfactual, output.counterfactual)

@@ -3,6 +3,7 @@
 One class per file, registered by name in ``METHODS`` (the names ``methods=[...]`` of configs/attribution.yaml takes):
 
 * ``sdedit``, ``inversion`` (ours): the pipeline's healthy counterfactual (``lightning_modules.pipeline``);
+* ``refined`` (ours): a second pass of the pipeline restricted to where the first one's map is high;
 * ``mean_healthy``: the mean healthy training image as every input's counterfactual;
 * ``reconstruction``: one of ours at guidance 0 (null prompt): isolates what the healthy prompt adds;
 * ``diffedit``: DiffEdit's noise-difference mask (a map, no image);
@@ -116,6 +117,7 @@ from lightning_modules.methods import (  # noqa: E402, F401
     inversion,
     mean_healthy,
     reconstruction,
+    refined,
     saliency,
     sdedit,
 )

@@ -29,10 +29,10 @@ from lightning_modules.attribution import attribution_map, normalize_per_image, 
 from lightning_modules.classifier import FindingClassifier
 from lightning_modules.counterfactual_scores import CounterfactualScores
 from lightning_modules.localization import OVERALL, LocalizationScores
-from lightning_modules.methods import Method, Models, build
+from lightning_modules.methods import METHODS, Method, Models, build
 from lightning_modules.overlays import save_array, save_gray_png, save_overlay
 from lightning_modules.pipeline import LatentDiffusionPipeline
-from lightning_modules.settings import COUNTERFACTUAL_METHODS, SamplingSettings
+from lightning_modules.settings import SamplingSettings
 
 SCORED_KINDS = ("positive", "absolute")  # a signed map cannot be ranked as "lesion here"
 SPLITS = ("train", "val", "test")
@@ -73,8 +73,10 @@ class Trial:
 def tuning_trials(cfg: DictConfig, defaults: SamplingSettings) -> list[Trial]:
     """Every grid point of ``tune.<method>`` for the requested methods that have a grid, built (validated) now."""
     trials = []
-    for name in (m for m in COUNTERFACTUAL_METHODS if m in cfg.methods):
-        grid = OmegaConf.to_container(cfg.tune[name])
+    for name in (m for m in dict.fromkeys(cfg.methods) if m in METHODS and METHODS[m].counterfactual):
+        grid = OmegaConf.to_container(OmegaConf.select(cfg.tune, name) or {})
+        if not grid:
+            continue
         for values in itertools.product(*grid.values()):
             point = dict(zip(grid, values, strict=True))
             trials.append(Trial(name, point, build(name, cfg, defaults, **point)))
@@ -378,7 +380,9 @@ def summarize(cfg: DictConfig, results: dict, methods: list[str], notes: list[st
         "input": cfg.input,
         "split": cfg.split,
         **{k: v for k, v in results["counts"].items()},
-        "settings": {m: OmegaConf.to_container(cfg[m]) for m in (*COUNTERFACTUAL_METHODS, "map", "baselines")},
+        "settings": {
+            m: OmegaConf.to_container(cfg[m]) for m in (*(m for m in METHODS if m in cfg), "map", "baselines")
+        },
         "methods": summary_methods,
         "per_finding": {m: {g: v for g, v in groups.items() if g != OVERALL} for m, groups in localization.items()},
         "notes": notes,
