@@ -17,7 +17,7 @@ from experiments import counterfactual_attribution, train, train_autoencoder, tr
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from tests.fixtures_real_data import encode, gray, write
 
-ALL = ["sdedit", "inversion", "mean_healthy", "reconstruction", "diffedit", "saliency"]
+ALL = ["sdedit", "inversion", "refined", "mean_healthy", "reconstruction", "diffedit", "saliency"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_split_with_masks_writes_metrics_for_every_method(checkpoints, tmp_path)
     assert list(metrics["methods"]) == ALL
     for method, values in metrics["methods"].items():
         assert 0 <= values["auprc"] <= 1 and 0 <= values["auroc"] <= 1 and 0 <= values["dice"] <= 1, method
-    for method in ("sdedit", "inversion", "mean_healthy", "reconstruction"):
+    for method in ("sdedit", "inversion", "refined", "mean_healthy", "reconstruction"):
         assert {"validity", "minimality", "twin_distance"} <= set(metrics["methods"][method]), method
     assert "validity" not in metrics["methods"]["diffedit"]
     assert metrics["images"] == 4 and metrics["scored"] == metrics["abnormal"] == 2
