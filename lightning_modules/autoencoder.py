@@ -18,9 +18,9 @@ from lightning_modules.optim import adamw_with_warmup, grad_scaled
 DATA_RANGE = 2.0
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, reduction: str | None = "elementwise_mean") -> torch.Tensor:
-    """SSIM (11 px Gaussian window) of images in [-1, 1]: the loss's structural term and the reported round trip."""
-    return structural_similarity_index_measure(a, b, data_range=DATA_RANGE, reduction=reduction)
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM (11 px Gaussian window) of images in [-1, 1]: the structural loss term and the round trip score."""
+    return structural_similarity_index_measure(a, b, data_range=DATA_RANGE)
 
 
 class AutoencoderModule(L.LightningModule):
@@ -99,23 +99,20 @@ class AutoencoderModule(L.LightningModule):
 
     def _adversarial_terms(self, images, reconstructions, rec_loss, logs: dict) -> torch.Tensor:
         """λ·L_G for the autoencoder plus the discriminator's hinge loss, both 0 before ``disc_start``."""
-        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
-        g_loss = -functional_call(self.discriminator, frozen, (reconstructions,)).mean()  # (B, 1, h, w) logits
         logits_real = self.discriminator(images)
         logits_fake = self.discriminator(reconstructions.detach())
         d_loss = hinge_d_loss(logits_real, logits_fake)
-        on = float(self.global_step >= self.hparams.disc_start)
-        weight = self.adaptive_weight(rec_loss, g_loss) if on else torch.zeros((), device=images.device)
         logs.update(
-            {
-                "train/g_loss": g_loss,
-                "train/d_loss": d_loss,
-                "train/d_weight": weight,
-                "train/logits_real": logits_real.mean(),
-                "train/logits_fake": logits_fake.mean(),
-            }
+            {"train/d_loss": d_loss, "train/logits_real": logits_real.mean(), "train/logits_fake": logits_fake.mean()}
         )
-        return weight * g_loss + on * d_loss
+        if self.global_step < self.hparams.disc_start:  # no generator pass or gradient norms yet: D stays in the graph
+            logs["train/d_weight"] = torch.zeros((), device=images.device)
+            return 0.0 * d_loss
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        g_loss = -functional_call(self.discriminator, frozen, (reconstructions,)).mean()  # (B, 1, h, w) logits
+        weight = self.adaptive_weight(rec_loss, g_loss)
+        logs.update({"train/g_loss": g_loss, "train/d_weight": weight})
+        return weight * g_loss + d_loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "train")

@@ -63,7 +63,7 @@ class Refined(Method):
         if first not in COUNTERFACTUAL_METHODS:
             raise ValueError(f"first must be one of {', '.join(COUNTERFACTUAL_METHODS)}, got {first!r}")
         mask = EditMask(**{f.name: block.pop(f.name) for f in dataclasses.fields(EditMask) if f.name in block})
-        second = InductionSettings.build(defaults, paste=True, **block)
+        second = InductionSettings.build(defaults, **{"paste": True, **block})
         return cls(build(first, cfg, defaults), mask, second, cfg.target_prompt)
 
     def __call__(

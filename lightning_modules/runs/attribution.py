@@ -381,7 +381,7 @@ def summarize(cfg: DictConfig, results: dict, methods: list[str], notes: list[st
         "split": cfg.split,
         **{k: v for k, v in results["counts"].items()},
         "settings": {
-            m: OmegaConf.to_container(cfg[m]) for m in (*(m for m in METHODS if m in cfg), "map", "baselines")
+            key: OmegaConf.to_container(cfg[key]) for key in (*(n for n in METHODS if n in cfg), "map", "baselines")
         },
         "methods": summary_methods,
         "per_finding": {m: {g: v for g, v in groups.items() if g != OVERALL} for m, groups in localization.items()},
