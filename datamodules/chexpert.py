@@ -33,7 +33,7 @@ import pandas as pd
 import yaml
 
 from datamodules.base import CXRDataModule
-from datamodules.images import BAD_FILE_POLICIES, XRayDataset, build_transform
+from datamodules.images import BAD_FILE_POLICIES, XRayDataset, build_transform, check_intensity
 from datamodules.prompts import PROMPT_DIR, PromptBank, compose_report, placeholders
 from datamodules.scan import SCAN_MODES, BadFile, enforce, scan_files
 
@@ -144,6 +144,7 @@ class CheXpertDataModule(CXRDataModule):
         resize: str = "letterbox",
         augmentations: Sequence[Mapping] | None = None,
         on_bad_file: str = "skip",
+        intensity: str = "auto",
         scan: str = "header",
         prompt_bank: str = "chexpert",
         target_prompt: str | None = None,
@@ -167,6 +168,7 @@ class CheXpertDataModule(CXRDataModule):
         self.uncertain, self.frontal_only, self.ap_pa = uncertain, frontal_only, list(ap_pa) if ap_pa else None
         self.valid_csv_as, self.holdout_fraction, self.seed = valid_csv_as, holdout_fraction, seed
         self.on_bad_file, self.scan_mode, self.random_prompt = on_bad_file, scan, random_prompt
+        self.intensity = check_intensity(intensity)
         if on_bad_file not in BAD_FILE_POLICIES or scan not in SCAN_MODES:
             raise ValueError(f"on_bad_file must be in {BAD_FILE_POLICIES} and scan in {SCAN_MODES}")
         build_transform(image_size, resize, self.augmentations)  # a bad resize/augmentation fails now, not in setup
@@ -258,6 +260,7 @@ class CheXpertDataModule(CXRDataModule):
                 build_transform(self.image_size, self.resize, self.augmentations if train else None, seed=self.seed),
                 label_mask=label_mask[rows],
                 on_bad_file=self.on_bad_file,
+                intensity=self.intensity,
                 seed=self.seed,
                 random_prompt=self.random_prompt and train,
             )

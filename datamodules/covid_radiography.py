@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 
 from datamodules.base import CXRDataModule
-from datamodules.images import BAD_FILE_POLICIES, IMAGE_SUFFIXES, XRayDataset, build_transform
+from datamodules.images import BAD_FILE_POLICIES, IMAGE_SUFFIXES, XRayDataset, build_transform, check_intensity
 from datamodules.prompts import PromptBank
 from datamodules.scan import SCAN_MODES, BadFile, enforce, scan_files
 
@@ -42,15 +43,20 @@ LAYOUT = f"""\
   <class>/lesion_masks/<image name>       (optional lesion masks, e.g. synthetic phantoms)"""
 
 
-def _image_files(folder: Path) -> dict[str, str]:
-    """Lower-cased stem -> file name of the images in ``folder`` (hidden files, e.g. macOS ``._x.png``, left out)."""
+def _image_files(folder: Path) -> list[str]:
+    """The image file names in ``folder``, sorted (hidden files, e.g. macOS ``._x.png``, left out)."""
     if not folder.is_dir():
-        return {}
-    return {
-        Path(n).stem.lower(): n
+        return []
+    return [
+        n
         for n in sorted(os.listdir(folder))
         if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES and (folder / n).is_file()
-    }
+    ]
+
+
+def _by_stem(names: Sequence[str]) -> dict[str, str]:
+    """Lower-cased stem -> file name, to pair an image with its mask whatever the case or extension of either."""
+    return {Path(n).stem.lower(): n for n in reversed(names)}  # the first name wins
 
 
 def stratified_split(classes: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
@@ -105,6 +111,7 @@ class CovidRadiographyDataModule(CXRDataModule):
         resize: str = "stretch",
         augmentations: Sequence[Mapping] | None = None,
         on_bad_file: str = "skip",
+        intensity: str = "auto",
         scan: str = "header",
         prompt_bank: str = "covid_radiography",
         target_prompt: str | None = None,
@@ -127,6 +134,7 @@ class CovidRadiographyDataModule(CXRDataModule):
         self.split_file = Path(split_file) if split_file else None
         self.balanced_sampling, self.lung_masks = balanced_sampling, lung_masks
         self.on_bad_file, self.scan_mode, self.random_prompt = on_bad_file, scan, random_prompt
+        self.intensity = check_intensity(intensity)
         if on_bad_file not in BAD_FILE_POLICIES or scan not in SCAN_MODES:
             raise ValueError(f"on_bad_file must be in {BAD_FILE_POLICIES} and scan in {SCAN_MODES}")
         build_transform(image_size, resize, self.augmentations)  # a bad resize/augmentation fails now, not in setup
@@ -162,9 +170,15 @@ class CovidRadiographyDataModule(CXRDataModule):
         rows = []
         for cls in CLASSES:
             images = _image_files(self.root / cls / "images")
-            lungs, lesions = _image_files(self.root / cls / "masks"), _image_files(self.root / cls / "lesion_masks")
+            lungs = _by_stem(_image_files(self.root / cls / "masks"))
+            lesions = _by_stem(_image_files(self.root / cls / "lesion_masks"))
             has_lesion_folder = (self.root / cls / "lesion_masks").is_dir()
-            for stem, name in images.items():
+            stems = [Path(n).stem.lower() for n in images]
+            counts = Counter(stems)
+            clashes = [n for n, stem in zip(images, stems, strict=True) if counts[stem] > 1]
+            if clashes:  # distinct files: each stays a sample, its id (the path) keeps the case and extension
+                log.warning("%s/images: names differ only in case or extension, each kept: %s", cls, ", ".join(clashes))
+            for name, stem in zip(images, stems, strict=True):
                 rows.append(
                     {
                         "path": f"{cls}/images/{name}",
@@ -288,6 +302,7 @@ class CovidRadiographyDataModule(CXRDataModule):
                 lung_masks=_paths(part["lung_mask"]) if self.lung_masks else None,
                 lesion_masks=_paths(part["lesion_mask"]) if serve_lesions else None,
                 on_bad_file=self.on_bad_file,
+                intensity=self.intensity,
                 seed=self.seed,
                 random_prompt=self.random_prompt and train,
             )

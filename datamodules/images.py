@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 RESIZE_MODES = ("stretch", "letterbox")
 BAD_FILE_POLICIES = ("skip", "error")
-# 16-bit grey PNGs open as 'I;16*' (older Pillow: 'I'). PNG stores fewer significant bits scaled up to the full
-# 16-bit range (the sBIT chunk only records the original depth), so 65535 is the right divisor, never the image max.
+# 16-bit grey PNGs open as 'I;16*' (older Pillow: 'I'). The PNG standard stores fewer significant bits scaled up to
+# the full 16-bit range (sBIT records the original depth), but many converters write 12-bit values unscaled: see
+# ``intensity_scale``.
+#: how 16-bit images reach [0, 1] (``data.intensity``): auto | bits:<n> | minmax | percentile
+INTENSITY_POLICIES = ("auto", "bits:<n>", "minmax", "percentile")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L"); exact for grey-as-RGB
 _MAX_CONSECUTIVE_BAD_READS = 32
@@ -58,9 +61,66 @@ def check_mode(im: Image.Image, path: str | Path) -> None:
         raise UnreadableImageError(path, f"unsupported pixel mode {im.mode!r} ({im.format})")
 
 
-def _to_gray01(im: Image.Image) -> np.ndarray:
+def check_intensity(policy: str) -> str:
+    valid = policy in ("auto", "minmax", "percentile") or (
+        policy.startswith("bits:") and policy[5:].isdigit() and 1 <= int(policy[5:]) <= 16
+    )
+    if not valid:
+        raise ValueError(f"data.intensity must be one of {', '.join(INTENSITY_POLICIES)} (n in 1..16), got {policy!r}")
+    return policy
+
+
+def png_significant_bits(path: str | Path) -> int | None:
+    """The grey depth a PNG's sBIT chunk records (None without one). Pillow does not expose sBIT, so the chunks
+    before the pixel data are walked here: 8-byte signature, then (length, type, data, CRC) records."""
+    with open(path, "rb") as fh:
+        if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while len(head := fh.read(8)) == 8:
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"sBIT":
+                data = fh.read(length)
+                return data[0] if data else None
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            fh.seek(length + 4, os.SEEK_CUR)
+    return None
+
+
+def intensity_scale(values: np.ndarray, path: str | Path, policy: str = "auto") -> np.ndarray:
+    """16-bit grey values -> [0, 1] by ``policy``, never silently guessed.
+
+    ``auto``: by the recorded depth when the values fit under it (a converter that stored 12-bit values unscaled and
+    said so in sBIT), else by 65535 as the PNG standard says; values that fill less than 12 bits of a file without
+    sBIT are scaled by 65535 too, with a warning naming the policies that would read them right. ``bits:<n>``:
+    divided by 2^n - 1. ``minmax`` and ``percentile`` (0.5-99.5): stretched per image."""
+    if policy == "minmax":
+        low, high = float(values.min()), float(values.max())
+    elif policy == "percentile":
+        low, high = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    else:
+        bits = int(policy[5:]) if policy.startswith("bits:") else None
+        if bits is None and str(path).lower().endswith(".png"):
+            recorded = png_significant_bits(path)
+            bits = recorded if recorded and values.max() < 2**recorded else None
+        if bits is None and values.max() < 2**12 and path not in _WARNED_DEPTH:
+            _WARNED_DEPTH.add(path)
+            log.warning(
+                "%s: 16-bit image with values up to %d and no recorded depth, scaled by 65535 (data.intensity=auto) "
+                "and so nearly black: set data.intensity=bits:12 (or the real depth), minmax or percentile",
+                path,
+                int(values.max()),
+            )
+        low, high = 0.0, float(2 ** (bits or 16) - 1)
+    return (values - low) / max(high - low, 1e-6)
+
+
+_WARNED_DEPTH: set = set()
+
+
+def _to_gray01(im: Image.Image, path: str | Path = "", intensity: str = "auto") -> np.ndarray:
     if _is_sixteen_bit(im):
-        return np.asarray(im, dtype=np.float32) / 65535.0
+        return intensity_scale(np.asarray(im, dtype=np.float32), path, intensity)
     if im.mode == "L":
         return np.asarray(im, dtype=np.float32) / 255.0
     if im.mode == "LA":
@@ -71,13 +131,14 @@ def _to_gray01(im: Image.Image) -> np.ndarray:
     return rgb @ (_LUMA / 255.0)
 
 
-def read_gray(path: str | Path) -> np.ndarray:
-    """Decode ``path`` to float32 (H, W) in [0, 1]; any failure becomes ``UnreadableImageError`` with the path."""
+def read_gray(path: str | Path, intensity: str = "auto") -> np.ndarray:
+    """Decode ``path`` to float32 (H, W) in [0, 1] (16-bit images by the ``intensity`` policy); any failure becomes
+    ``UnreadableImageError`` with the path."""
     try:
         with Image.open(path) as im:
             check_mode(im, path)
             im.load()
-            return np.clip(_to_gray01(im), 0.0, 1.0)
+            return np.clip(_to_gray01(im, path, intensity), 0.0, 1.0)
     except UnreadableImageError:
         raise
     except Exception as err:  # noqa: BLE001 - corrupt files make decoders raise anything (OSError, SyntaxError, ...)
@@ -182,7 +243,9 @@ class XRayDataset(Dataset):
         on_bad_file: str = "skip",
         seed: int = 0,
         random_prompt: bool = False,
+        intensity: str = "auto",
     ):
+        self.intensity = check_intensity(intensity)
         if on_bad_file not in BAD_FILE_POLICIES:
             raise ValueError(f"on_bad_file must be one of {BAD_FILE_POLICIES}, got {on_bad_file!r}")
         self.root = Path(root)
@@ -246,7 +309,7 @@ class XRayDataset(Dataset):
         )
 
     def _load(self, i: int) -> dict:
-        image = read_gray(self.root / self.ids[i])
+        image = read_gray(self.root / self.ids[i], self.intensity)
         masks = {}
         for key, paths in (("lung_mask", self.lung_masks), ("mask", self.lesion_masks)):
             if paths is not None:

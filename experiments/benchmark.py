@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from lightning_modules.runs import benchmark
-from lightning_modules.runs.cli import load_config, write_results
+from lightning_modules.runs.cli import load_config, run, write_results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,4 +33,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

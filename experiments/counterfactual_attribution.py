@@ -20,27 +20,27 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lightning_modules.components import read_hparams
-from lightning_modules.runs import attribution as run
-from lightning_modules.runs.cli import load_config, write_csv, write_results
+from lightning_modules.checkpoints import read_hparams
+from lightning_modules.runs import attribution
+from lightning_modules.runs.cli import load_config, run, write_csv, write_results
 from lightning_modules.settings import SamplingSettings
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = load_config("attribution", argv)
     try:  # everything that can be wrong with the request fails here, before any model is loaded
-        run.check_config(cfg)
-        hparams = read_hparams(cfg.checkpoint)
+        attribution.check_config(cfg)
+        hparams = read_hparams(cfg.checkpoint, "stage-2 latent diffusion")
         defaults = SamplingSettings.from_hparams(hparams.get("sampling"))  # steps and guidance unless set
-        methods = run.build_methods(cfg, defaults)
-        trials = run.tuning_trials(cfg, defaults) if cfg.tune.enabled else []
+        methods = attribution.build_methods(cfg, defaults)
+        trials = attribution.tuning_trials(cfg, defaults) if cfg.tune.enabled else []
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        inputs = run.load_inputs(cfg, int(hparams["image_size"]), methods)
+        inputs = attribution.load_inputs(cfg, int(hparams["image_size"]), methods)
     except ValueError as err:
         raise SystemExit(f"attribution: {err}") from None
 
-    models = run.load_models(cfg, methods, inputs)
+    models = attribution.load_models(cfg, methods, inputs)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
@@ -48,13 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"note: {note}")
 
     if cfg.tune.enabled:
-        report = run.tune(cfg, models, trials, inputs, out)
-        for line in run.best_settings(report):
+        report = attribution.tune(cfg, models, trials, inputs, out)
+        for line in attribution.best_settings(report):
             print(line)
         return report
 
     start = time.time()
-    rows, results = run.process(cfg, models, methods, inputs, out)
+    rows, results = attribution.process(cfg, models, methods, inputs, out)
     skipped = results["skipped"]
     write_csv(out / "results.csv", rows)
     write_csv(out / "skipped.csv", [{"path": p, "reason": r} for p, r in skipped], ["path", "reason"])
@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{len(rows)} images, {len(methods)} methods in {time.time() - start:.0f}s -> {out}")
     if not results["labelled"]:
         return {"rows": rows, "skipped": skipped}
-    summary = run.summarize(cfg, results, list(methods), inputs.notes)
-    write_results(out, "metrics", summary, run.markdown(summary, inputs.finding_names))
+    summary = attribution.summarize(cfg, results, list(methods), inputs.notes)
+    write_results(out, "metrics", summary, attribution.markdown(summary, inputs.finding_names))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lightning_modules.runs.cli import run
+
 #: the repository's copy of the report (the repository root is the parent of experiments/)
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 HEADER = (
@@ -25,6 +27,7 @@ INDUCTION_COLUMNS = (
     ("ssim_outside", "SSIM outside"),
     ("classifier_prob_before", "p before"),
     ("classifier_prob_after", "p after"),
+    ("classifier_recognised_fraction", "recognised (p ≥ 0.5)"),
     ("classifier_rise_fraction", "p rose"),
     ("edit_inside_fraction", "edit inside (no paste)"),
     ("edit_ssim_outside", "edit SSIM outside (no paste)"),
@@ -112,4 +115,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_modules.runs import evaluation
-from lightning_modules.runs.cli import load_config, write_results
+from lightning_modules.runs.cli import load_config, run, write_results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -33,4 +33,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,18 +10,20 @@ from omegaconf import OmegaConf
 
 from lightning_modules.image_callbacks import CounterfactualGridLogger, SampleGridLogger
 from lightning_modules.metric_callbacks import GenerationMetricsLogger, HParamsLogger
-from lightning_modules.runs.cli import load_config
+from lightning_modules.runs.cli import load_config, run
 from lightning_modules.runs.training import (
     build_datamodule,
     build_latent_diffusion,
     build_trainer,
     fit,
+    resume_path,
     seed_and_threads,
 )
 
 
 def main(argv: list[str] | None = None):
     cfg = load_config("train", argv)
+    ckpt_path = resume_path(cfg, "stage-2 latent diffusion")  # first: an earlier run is never overwritten
     seed_and_threads(cfg)
     datamodule = build_datamodule(cfg)
     module = build_latent_diffusion(cfg, datamodule)
@@ -34,9 +36,9 @@ def main(argv: list[str] | None = None):
             HParamsLogger(OmegaConf.to_container(cfg, resolve=True)),
         ],
     )
-    fit(cfg, trainer, module, datamodule)
+    fit(cfg, trainer, module, datamodule, ckpt_path)
     return trainer
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

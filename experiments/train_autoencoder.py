@@ -11,19 +11,20 @@ from omegaconf import OmegaConf
 
 from lightning_modules.autoencoder import AutoencoderModule
 from lightning_modules.image_callbacks import ReconstructionLogger
-from lightning_modules.runs.cli import load_config, log, write_results
-from lightning_modules.runs.training import build_datamodule, build_trainer, fit, seed_and_threads
+from lightning_modules.runs.cli import load_config, log, run, write_results
+from lightning_modules.runs.training import build_datamodule, build_trainer, fit, resume_path, seed_and_threads
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     cfg = load_config("train_autoencoder", argv)
+    ckpt_path = resume_path(cfg, "stage-1 autoencoder")  # first: an earlier run is never overwritten
     seed_and_threads(cfg)
     datamodule = build_datamodule(cfg)
     module = AutoencoderModule(
         **OmegaConf.to_container(cfg.model.autoencoder, resolve=True), total_steps=cfg.trainer.max_steps
     )
     trainer = build_trainer(cfg, [ReconstructionLogger(**cfg.callbacks.reconstructions)])
-    fit(cfg, trainer, module, datamodule)
+    fit(cfg, trainer, module, datamodule, ckpt_path)
     round_trip = trainer.test(module, datamodule=datamodule, verbose=False)[0]  # the weights exported below
     if not trainer.is_global_zero:
         return None
@@ -40,4 +41,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,12 +10,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lightning_modules.classifier import FindingClassifier
-from lightning_modules.runs.cli import load_config, log
-from lightning_modules.runs.training import build_datamodule, build_trainer, fit, seed_and_threads
+from lightning_modules.runs.cli import load_config, log, run
+from lightning_modules.runs.training import build_datamodule, build_trainer, fit, resume_path, seed_and_threads
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     cfg = load_config("train_classifier", argv)
+    ckpt_path = resume_path(cfg, "finding classifier")  # first: an earlier run is never overwritten
     seed_and_threads(cfg)
     datamodule = build_datamodule(cfg)
     module = FindingClassifier(
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         **OmegaConf.to_container(cfg.model.classifier, resolve=True),
     )
     trainer = build_trainer(cfg, [])
-    fit(cfg, trainer, module, datamodule)
+    fit(cfg, trainer, module, datamodule, ckpt_path)
     if not trainer.is_global_zero:
         return None
     checkpoint = Path(trainer.checkpoint_callback.last_model_path)
@@ -38,4 +39,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

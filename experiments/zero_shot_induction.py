@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.runs import induction
-from lightning_modules.runs.cli import load_config
+from lightning_modules.runs.cli import load_config, run
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"inducing '{request.prompt}' in {len(inputs.ids)} image(s) x {len(cfg.seeds)} seed(s)")
 
     start = time.perf_counter()
-    pipeline = LatentDiffusionPipeline.from_checkpoint(cfg.checkpoint, cfg.device, cfg.use_ema, compile=cfg.compile)
+    pipeline = LatentDiffusionPipeline.from_checkpoint(
+        cfg.checkpoint, cfg.device, cfg.use_ema, compile=cfg.compile, allow_frozen_mismatch=cfg.allow_frozen_mismatch
+    )
     probability = induction.finding_probability(cfg.classifier_checkpoint, cfg.finding, cfg.device)
     inductions = induction.induce_all(pipeline, request, cfg.seeds, cfg.batch_size, probability)
     elapsed = time.perf_counter() - start
@@ -61,4 +63,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

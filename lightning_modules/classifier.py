@@ -19,6 +19,7 @@ from torch import nn
 from torchmetrics.classification import MultilabelAUROC
 from torchvision.models.regnet import BlockParams, RegNet
 
+from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.optim import adamw_with_warmup, grad_scaled
 
 ABNORMAL = "abnormal"
@@ -89,7 +90,7 @@ class FindingClassifier(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> FindingClassifier:
         """Rebuild from a Lightning checkpoint with ``weights_only=True`` loading (no pickled code is executed)."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = read_checkpoint(path, "finding classifier", map_location=map_location)
         module = cls(**checkpoint["hyper_parameters"])
         module.load_state_dict(checkpoint["state_dict"])
         return module.eval()

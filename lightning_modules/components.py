@@ -7,10 +7,8 @@ training module (optimizer, EMA, caches).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from lightning_modules.prompt_encoder import PromptEncoder
@@ -48,13 +46,3 @@ def build_components(
         **unet,
     )
     return Components(frozen_vae, encoder, network, DDPMScheduler(**noise_scheduler))
-
-
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """A Lightning checkpoint loaded with ``weights_only=True``: no pickled code is ever executed."""
-    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-
-
-def read_hparams(path: str | Path) -> dict:
-    """A checkpoint's hyper-parameters without reading its weights into memory."""
-    return read_checkpoint(path, mmap=True)["hyper_parameters"]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
+from lightning_modules.checkpoints import frozen_fingerprint
 from lightning_modules.compiled_unet import compile_unet
 from lightning_modules.components import FROZEN_PREFIXES, build_components, vae_scale_factor
 from lightning_modules.optim import adamw_with_warmup, grad_scaled
@@ -188,12 +189,18 @@ class LatentDiffusionModule(L.LightningModule):
             self.train(was_training)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
+    @functools.cached_property
+    def frozen_hashes(self) -> dict[str, str]:
+        """Hashes of the frozen VAE and prompt encoder (they never change, so once per run)."""
+        return frozen_fingerprint(vae=self.vae, prompt_encoder=self.prompt_encoder)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["frozen"] = self.frozen_hashes  # sampling checks it: the parts are stored by path only
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None and "ema" in checkpoint:

@@ -25,8 +25,9 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from lightning_modules.attribution import signed_map
+from lightning_modules.checkpoints import check_frozen, frozen_fingerprint, read_checkpoint
 from lightning_modules.compiled_unet import compile_unet
-from lightning_modules.components import build_components, read_checkpoint, vae_scale_factor
+from lightning_modules.components import build_components, vae_scale_factor
 from lightning_modules.prompt_encoder import NULL_PROMPT
 from lightning_modules.regions import feather_mask, latent_mask
 from lightning_modules.settings import (
@@ -103,13 +104,21 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True, compile: bool = False
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        use_ema: bool = True,
+        compile: bool = False,
+        allow_frozen_mismatch: bool = False,
     ) -> LatentDiffusionPipeline:
         """A stage-2 checkpoint -> its pipeline, without the training module: the frozen parts are rebuilt from the
-        paths in its hyper-parameters, the UNet gets the checkpoint's EMA weights (``use_ema``) or its raw ones."""
-        checkpoint = read_checkpoint(path)
+        paths in its hyper-parameters (and must match the fingerprint it recorded, unless ``allow_frozen_mismatch``),
+        the UNet gets the checkpoint's EMA weights (``use_ema``) or its raw ones."""
+        checkpoint = read_checkpoint(path, "stage-2 latent diffusion")
         hparams = checkpoint["hyper_parameters"]
         vae, prompt_encoder, unet, noise_scheduler = build_components(**hparams)
+        current = frozen_fingerprint(vae=vae, prompt_encoder=prompt_encoder)
+        check_frozen(path, checkpoint.get("frozen"), current, allow_frozen_mismatch)
         prefix = "unet."
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         missing, unexpected = unet.load_state_dict(state, strict=False)
@@ -304,7 +313,9 @@ class LatentDiffusionPipeline:
         the *next* timestep (after the last step, the original latent itself). The region reaches latent resolution
         as a binary mask (``latent_mask``). ``feather`` (pixels) softens the region's edge; ``paste`` then lays the
         decoded result over the original pixels through that mask, so outside the region the image is the original
-        rather than its VAE round trip (whose error outside the region can exceed the edit inside it).
+        rather than its VAE round trip (whose error outside the region can exceed the edit inside it). ``resample``
+        > 1 repeats every step but the last after re-noising it (RePaint, Lugmayr et al. 2022), so the region and its
+        known surroundings are harmonised instead of only pasted together.
         """
         self.check_induction_inputs(images, region_masks, prompt, settings)
         guidance_scale, paste = settings.guidance_scale, settings.paste
@@ -327,18 +338,32 @@ class LatentDiffusionPipeline:
             latents = self.scheduler.add_noise(original, noise, timesteps[:1].repeat(batch_size))
 
         for i, t in enumerate(timesteps):
-            noise_pred = self.predict_noise(latents, t, embeddings, guidance_scale)
-            latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
-            known = (
-                original
-                if i == len(timesteps) - 1
-                else self.scheduler.add_noise(original, noise, timesteps[i + 1 : i + 2].repeat(batch_size))
-            )
-            latents = mask * latents + (1 - mask) * known
+            last = i == len(timesteps) - 1
+            for u in range(1 if last else settings.resample):
+                if u > 0:  # RePaint: back from the next timestep to t, so the region is re-drawn with its context
+                    latents = self.renoise(latents, timesteps[i + 1], t, generator)
+                noise_pred = self.predict_noise(latents, t, embeddings, guidance_scale)
+                latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+                known = (
+                    original
+                    if last
+                    else self.scheduler.add_noise(original, noise, timesteps[i + 1 : i + 2].repeat(batch_size))
+                )
+                latents = mask * latents + (1 - mask) * known
 
         decoded = self.decode(latents)
         induced = masks * decoded + (1 - masks) * images if paste else decoded
         return InductionOutput(induced, latents, signed_map(induced, images), decoded, self.decode(original))
+
+    def renoise(
+        self, latents: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """q(x_to | x_from) for t_to > t_from: the forward process over the gap between two DDIM timesteps
+        (RePaint's jump; ``RePaintScheduler.undo_step`` takes one DDPM step at a time)."""
+        alphas = self.scheduler.alphas_cumprod
+        ratio = alphas[int(t_to)] / alphas[int(t_from)]
+        fresh = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
+        return ratio.sqrt().to(latents.dtype) * latents + (1 - ratio).sqrt().to(latents.dtype) * fresh
 
     @staticmethod
     def _prompts(prompt: str | list[str], batch_size: int) -> list[str]:

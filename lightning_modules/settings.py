@@ -100,15 +100,19 @@ class InversionSettings(SamplingSettings):
 @dataclass(frozen=True)
 class InductionSettings(SamplingSettings):
     """Zero-shot induction: the region starts from ``strength`` of the schedule (1: pure noise); ``feather`` (pixels)
-    softens the region's edge; ``paste`` lays the decoded region over the original pixels."""
+    softens the region's edge; ``paste`` lays the decoded region over the original pixels; ``resample`` runs each
+    step that many times, re-noising in between (RePaint's U; 1: plain latent blending)."""
 
     strength: float = 1.0
     feather: float = 0.0
     paste: bool = True
+    resample: int = 1
     fraction_name: ClassVar[str] = "strength"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.resample, bool) or not isinstance(self.resample, int) or self.resample < 1:
+            raise ValueError(f"resample must be an integer >= 1, got {self.resample!r}")
         if isinstance(self.feather, bool) or not isinstance(self.feather, (int, float)) or self.feather < 0:
             raise ValueError(f"feather must be a number of pixels >= 0, got {self.feather!r}")
         if not isinstance(self.paste, bool):

@@ -122,12 +122,12 @@ def test_our_settings_come_from_the_block_over_the_checkpoint_defaults():
     [
         ("sdedit.num_inference_steps=5", "sdedit: strength 0.1 of 5 steps runs no denoising step"),
         ("inversion.inversion_depth=1.5", "inversion: inversion_depth must be in \\(0, 1\\]"),
-        ("sdedit.guidance_scale=-1", "sdedit: guidance_scale must be a number >= 0"),
+        ("sdedit.guidance_scale=-1", "sdedit.guidance_scale must be a number >= 0"),
         ("baselines.reconstruction.method=diffedit", "baselines.reconstruction: method must be one of"),
         ("baselines.diffedit.guidance_scale=0", "baselines.diffedit: diffedit needs the prompts"),
         ("baselines.diffedit.num_maps=0", "baselines.diffedit: num_maps must be an integer >= 1"),
         ("baselines.diffedit.abnormal_prompt=' '", "baselines.diffedit: abnormal_prompt must be a non-empty prompt"),
-        ("baselines.mean_healthy.num_images=0", "baselines.mean_healthy: num_images must be an integer >= 1"),
+        ("baselines.mean_healthy.num_images=0", "baselines.mean_healthy.num_images must be an integer >= 1"),
         ("baselines.saliency.method=lime", "baselines.saliency: unknown saliency method 'lime'"),
     ],
 )

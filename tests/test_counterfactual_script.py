@@ -167,7 +167,15 @@ def fake_checkpoint(tmp_path) -> Path:
     """Only the hyper-parameters the run reads before it loads a model: the image size, the sampling defaults."""
     path = tmp_path / "fake.ckpt"
     torch.save(
-        {"hyper_parameters": {"image_size": 64, "sampling": {"num_inference_steps": 5, "guidance_scale": 3.0}}}, path
+        {
+            "state_dict": {},
+            "hyper_parameters": {
+                "unet": {},
+                "image_size": 64,
+                "sampling": {"num_inference_steps": 5, "guidance_scale": 3.0},
+            },
+        },
+        path,
     )
     return path
 

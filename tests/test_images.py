@@ -153,3 +153,39 @@ def test_dataset_replaces_a_file_gone_bad_and_names_it(tmp_path, caplog):
         _dataset(tmp_path, on_bad_file="error")[1]
     random = _dataset(tmp_path, random_prompt=True)
     assert len({random[0]["prompt"] for _ in range(20)}) > 1
+
+
+def _with_sbit(png: bytes, bits: int) -> bytes:
+    """Insert an sBIT chunk after IHDR (8-byte signature + 25-byte IHDR record), as a DICOM converter writes it."""
+    import zlib
+
+    chunk = b"sBIT" + bytes([bits])
+    record = len(chunk[4:]).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
+    return png[:33] + record + png[33:]
+
+
+def test_sixteen_bit_images_are_scaled_by_their_real_depth_or_the_declared_policy(tmp_path, caplog):
+    twelve = (PIXELS.astype(np.uint16) * 16).astype(np.uint16)  # 12-bit values, stored unscaled
+    plain = write(tmp_path / "plain.png", encode(twelve))
+    tagged = write(tmp_path / "tagged.png", _with_sbit(encode(twelve), 12))
+    expected = twelve.astype(np.float32) / 4095
+    with caplog.at_level(logging.WARNING):
+        dark = read_gray(plain)  # no recorded depth: the standard's 65535, and a warning naming the fixes
+    np.testing.assert_allclose(dark, twelve / 65535, atol=1e-6)
+    assert "no recorded depth" in caplog.text and "data.intensity=bits:12" in caplog.text
+    np.testing.assert_allclose(read_gray(tagged), expected, atol=1e-6)  # sBIT says 12
+    np.testing.assert_allclose(read_gray(plain, "bits:12"), expected, atol=1e-6)
+    stretched = read_gray(plain, "minmax")
+    assert stretched.min() == 0 and stretched.max() == 1
+    assert 0 <= read_gray(plain, "percentile").min() and read_gray(plain, "percentile").max() == 1
+    full = (PIXELS.astype(np.uint16) * 257).astype(np.uint16)  # scaled to the full range, as PNG's standard says
+    np.testing.assert_allclose(read_gray(write(tmp_path / "full.png", _with_sbit(encode(full), 8))), full / 65535)
+    np.testing.assert_allclose(read_gray(write(tmp_path / "eight.png", encode(PIXELS)), "minmax"), EXPECTED)
+
+
+@pytest.mark.parametrize("policy", ["bits:0", "bits:17", "bits:x", "max", ""])
+def test_an_unknown_intensity_policy_is_refused(policy):
+    from datamodules.images import check_intensity
+
+    with pytest.raises(ValueError, match="data.intensity must be one of auto, bits:<n>, minmax, percentile"):
+        check_intensity(policy)

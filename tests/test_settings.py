@@ -79,6 +79,8 @@ def test_numbers_are_normalised_to_floats_and_settings_are_frozen():
         (InductionSettings, dict(strength=0.0), "strength must be in"),
         (InductionSettings, dict(feather=-1), "feather must be a number of pixels >= 0"),
         (InductionSettings, dict(feather="wide"), "feather must be a number of pixels"),
+        (InductionSettings, dict(resample=0), "resample must be an integer >= 1"),
+        (InductionSettings, dict(resample=2.5), "resample must be an integer >= 1"),
         (InductionSettings, dict(paste="yes"), "paste must be true or false"),
         (InductionSettings, dict(paste=1), "paste must be true or false"),
     ],

@@ -84,10 +84,31 @@ def test_stage2_trains_logs_samples_and_resumes(stage1, tmp_path):
     assert not any(k.startswith(("vae.", "prompt_encoder.")) for k in checkpoint["state_dict"])
     assert checkpoint["ema"]["optimization_step"] == 4
 
+    with pytest.raises(ValueError, match="already holds best.ckpt, last.ckpt from an earlier run"):
+        train.main(["experiment=smoke", f"log_dir={tmp_path}", vae])  # nothing overwritten
     resumed = train.main(["experiment=smoke", f"log_dir={tmp_path}", vae, "ckpt_path=last", "trainer.max_steps=6"])
     assert resumed.global_step == 6
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["ema"]["optimization_step"] == 6 and checkpoint["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_stage2_refuses_a_vae_it_was_not_trained_with(stage1, tmp_path, caplog):
+    """Checkpoints name their VAE by path; the fingerprint they record catches a VAE replaced at that path."""
+    from lightning_modules.checkpoints import CheckpointError
+    from lightning_modules.pipeline import LatentDiffusionPipeline
+
+    train.main(["experiment=smoke", f"log_dir={tmp_path}", f"model.vae.path={stage1 / 'autoencoder' / 'vae'}"])
+    path = tmp_path / "ldm" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert set(checkpoint["frozen"]) == {"vae", "prompt_encoder"}
+    LatentDiffusionPipeline.from_checkpoint(path)  # the parts it was trained with: fine
+    checkpoint["frozen"]["vae"] = "0" * 16  # as if stage 1 had been retrained into the same folder since
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="trained with another vae .* allow_frozen_mismatch=true"):
+        LatentDiffusionPipeline.from_checkpoint(path)
+    LatentDiffusionPipeline.from_checkpoint(path, allow_frozen_mismatch=True)
+    assert "going on: allow_frozen_mismatch=true" in caplog.text
 
 
 @pytest.mark.slow

@@ -171,7 +171,9 @@ def load_classifier(cfg: DictConfig, notes: list[str]) -> FindingClassifier | No
 def load_models(cfg: DictConfig, methods: dict[str, Method], inputs: Inputs) -> Models:
     """The pipeline, the classifier (not when tuning) and what the methods need; each method is prepared. Methods
     that need the classifier are dropped from ``methods`` when there is none (the note says so)."""
-    pipeline = LatentDiffusionPipeline.from_checkpoint(cfg.checkpoint, cfg.device, compile=cfg.compile)
+    pipeline = LatentDiffusionPipeline.from_checkpoint(
+        cfg.checkpoint, cfg.device, compile=cfg.compile, allow_frozen_mismatch=cfg.allow_frozen_mismatch
+    )
     models = Models(pipeline, None if cfg.tune.enabled else load_classifier(cfg, inputs.notes))
     for name in [n for n, m in methods.items() if m.needs_classifier and models.classifier is None]:
         del methods[name]

@@ -1,11 +1,15 @@
-"""What every script shares at its edges: the config from the command line, and results written as JSON + Markdown."""
+"""What every script shares at its edges: the config from the command line, one error path, and results written as
+JSON + Markdown."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,24 +29,84 @@ def load_config(name: str, argv: list[str] | None = None) -> DictConfig:
         )
         raise SystemExit(0)
     try:
-        return compose(name, argv)
+        cfg = compose(name, argv)
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
+    for key in ("output_dir", "log_dir"):
+        if cfg.get(key):
+            check_writable(cfg[key], key)
+    return cfg
+
+
+def check_writable(folder: str | Path, key: str) -> None:
+    """Create ``folder`` and prove a file can be written there now, so a read-only or full disk, or a file in the
+    way, is one line before any work rather than a lost result after it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".vald-write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"config error: {key}={folder} cannot be written: {one_line(err)}") from None
+
+
+#: errors a user causes and can fix from the message: shown without a traceback
+USER_ERRORS = (ValueError, LookupError, OSError)
+#: what to do when the system refuses a file operation
+OS_ADVICE = {
+    errno.ENOSPC: "free some space or choose another output folder",
+    errno.EROFS: "the disk is read-only: choose a writable output folder",
+    errno.EACCES: "you lack permission: choose a folder you can write to",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another path",
+    errno.EISDIR: "a folder stands where a file is expected: choose another path",
+    errno.EEXIST: "a file stands where a folder is expected: choose another path",
+    errno.ENOENT: "check the path",
+}
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: the message with its line breaks folded; OS errors with the file and a remedy."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f" {err.filename}" if err.filename else ""
+        advice = OS_ADVICE.get(err.errno or -1)
+        return f"{err.strerror}:{where}" + (f" ({advice})" if advice else "")
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, USER_ERRORS) or _is_user_error(err) else f"{type(err).__name__}: {text}"
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """Lightning's own word for a setting this machine or run cannot take (e.g. GPUs that are not there)."""
+    return type(err).__name__ == "MisconfigurationException"
+
+
+def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """The one error path of every entry point. An error a user can cause (a bad value, a missing or unreadable
+    file, a full or read-only disk, a setting the machine cannot take) ends in one line on stderr and exit code 1;
+    anything else in one line that says it is unexpected. ``VALD_DEBUG=1`` shows the full traceback instead."""
+    name = Path(sys.argv[0]).stem or "vald"
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        if os.environ.get("VALD_DEBUG", "") not in ("", "0"):
+            raise
+        expected = isinstance(err, USER_ERRORS) or _is_user_error(err)
+        hint = "" if expected else " (unexpected: VALD_DEBUG=1 shows the traceback; please report it)"
+        print(f"{name}: error: {one_line(err)}{hint}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def checkpoint_sampling(path: str | Path):
     """A stage-2 checkpoint's default ``SamplingSettings`` (steps, guidance), read without loading its weights: the
-    defaults of every settings block whose value is null. Raises ValueError (a user error) for a missing or unreadable
-    file, so scripts can build and check their settings before any model loads."""
-    from lightning_modules.components import read_hparams  # diffusers: only for the scripts that sample
+    defaults of every settings block whose value is null. Raises ValueError (a user error) for a missing, unreadable or
+    wrong kind of file, so scripts can build and check their settings before any model loads."""
+    from lightning_modules.checkpoints import read_hparams
     from lightning_modules.settings import SamplingSettings
 
-    if not Path(path).is_file():
-        raise ValueError(f"checkpoint: no file at {path} (train one with `make demo` or `make train`)")
-    try:
-        hparams = read_hparams(path)
-    except Exception as err:  # torch.load's errors for a file that is not a checkpoint vary by format
-        raise ValueError(f"checkpoint: cannot read {path} ({type(err).__name__}: {err})") from None
+    hparams = read_hparams(path, "stage-2 latent diffusion")  # a CheckpointError (ValueError) names what is wrong
     return SamplingSettings.from_hparams(hparams.get("sampling"))
 
 

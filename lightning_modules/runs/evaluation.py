@@ -80,7 +80,7 @@ def check_settings(cfg: DictConfig) -> tuple[SamplingSettings, CounterfactualSet
         except FileNotFoundError as err:
             problems.append(str(err))
     if problems:
-        raise ValueError("\n  ".join(["cannot run:", *problems]))
+        raise ValueError("cannot run: " + "; ".join(problems))
     return settings[0], settings[1]
 
 
@@ -125,7 +125,9 @@ def evaluate(cfg: DictConfig, request: Request) -> dict[str, Any]:
     )
 
     device = device_of(cfg.device)
-    pipeline = LatentDiffusionPipeline.from_checkpoint(cfg.checkpoint, device, compile=cfg.compile)
+    pipeline = LatentDiffusionPipeline.from_checkpoint(
+        cfg.checkpoint, device, compile=cfg.compile, allow_frozen_mismatch=cfg.allow_frozen_mismatch
+    )
     target_prompt = datamodule.normal_prompt or pipeline.normal_prompt  # what the pipeline falls back to
     extractors, skipped = build_extractors(cfg.fid.inception, cfg.fid.inception_weights, cfg.classifier_checkpoint)
     metrics = GenerationMetrics((NORMAL, *datamodule.finding_names), datamodule.image_size, extractors).to(device)

@@ -274,12 +274,15 @@ def write_outputs(out: Path, inputs: Inputs, inductions: list[Induction]) -> Non
 
 
 def summarize(inductions: list[Induction]) -> dict[str, float | None]:
-    """Means over inputs and seeds; ``classifier_rise_fraction``: share where the finding's probability rose."""
+    """Means over inputs and seeds; ``classifier_recognised_fraction``: share the classifier calls the finding
+    present in (p >= 0.5), the target; ``classifier_rise_fraction``: share where its probability merely rose."""
     scores = [done.scores for done in inductions]
     summary = {key: float(np.mean([s[key] for s in scores])) if key in scores[0] else None for key in SCORES}
+    scored = summary["classifier_prob_after"] is not None
+    summary["classifier_recognised_fraction"] = (
+        float(np.mean([s["classifier_prob_after"] >= 0.5 for s in scores])) if scored else None
+    )
     summary["classifier_rise_fraction"] = (
-        float(np.mean([s["classifier_prob_after"] > s["classifier_prob_before"] for s in scores]))
-        if summary["classifier_prob_after"] is not None
-        else None
+        float(np.mean([s["classifier_prob_after"] > s["classifier_prob_before"] for s in scores])) if scored else None
     )
     return summary

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from configs import instantiate
 from datamodules.base import CXRDataModule
+from lightning_modules.checkpoints import AtomicCheckpointIO, newest_readable, read_checkpoint
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from lightning_modules.runs.cli import log
 
@@ -22,7 +23,13 @@ MODULE_KEYS = ("vae", "unet", "prompt_encoder", "noise_scheduler", "p_uncond", "
 
 
 def seed_and_threads(cfg: DictConfig) -> None:
-    """Seed every RNG; on CPU DDP give each process its share of the cores instead of oversubscribing them."""
+    """Check the accelerator is there, seed every RNG; on CPU DDP give each process its share of the cores instead of
+    oversubscribing them."""
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.accelerator={cfg.trainer.accelerator}, but torch sees no CUDA GPU on this machine: "
+            "run with GPUS=0 (make) or trainer=cpu, or check the driver with nvidia-smi"
+        )
     L.seed_everything(cfg.seed, workers=True)
     devices = cfg.trainer.devices
     if cfg.trainer.accelerator == "cpu" and isinstance(devices, int) and devices > 1:
@@ -67,7 +74,12 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], monitor: str = "
     )
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.pop("name", None)
-    return L.Trainer(**trainer_args, logger=logger, callbacks=[checkpoints, LearningRateMonitor("step"), *callbacks])
+    return L.Trainer(
+        **trainer_args,
+        logger=logger,
+        callbacks=[checkpoints, LearningRateMonitor("step"), *callbacks],
+        plugins=[AtomicCheckpointIO()],
+    )
 
 
 def save_config(cfg: DictConfig, trainer: L.Trainer) -> None:
@@ -78,24 +90,33 @@ def save_config(cfg: DictConfig, trainer: L.Trainer) -> None:
         OmegaConf.save(cfg, run / "config.yaml", resolve=True)
 
 
-def resume_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path=last`` continues logs/<run_name>/checkpoints/last.ckpt (step, optimizer, EMA); a path is used
-    as is."""
+def resume_path(cfg: DictConfig, kind: str) -> str | None:
+    """``ckpt_path=last`` continues logs/<run_name>/checkpoints/last.ckpt (step, optimizer, EMA), or the newest
+    readable checkpoint there if it is damaged; a path is used as is. Without ``ckpt_path``, a folder that already
+    holds a run's checkpoints is refused rather than overwritten."""
+    folder = Path(cfg.log_dir) / cfg.run_name / "checkpoints"
     if cfg.ckpt_path in (None, "null", ""):
+        earlier = sorted(p.name for p in folder.glob("*.ckpt"))
+        if earlier:
+            raise ValueError(
+                f"{folder} already holds {', '.join(earlier)} from an earlier run: continue it with ckpt_path=last, "
+                f"or start another with run_name=<new name> (or log_dir=...); nothing was overwritten"
+            )
         return None
-    path = (
-        Path(cfg.log_dir) / cfg.run_name / "checkpoints" / "last.ckpt"
-        if cfg.ckpt_path == "last"
-        else Path(cfg.ckpt_path)
-    )
-    if not path.is_file():
-        if cfg.ckpt_path == "last":
-            log.warning("ckpt_path=last: no %s yet, starting a new run", path)
+    if cfg.ckpt_path == "last":
+        path = newest_readable(folder)
+        if path is None:
+            log.warning("ckpt_path=last: no readable checkpoint in %s yet, starting a new run", folder)
             return None
-        raise SystemExit(f"ckpt_path: no checkpoint at {path}")
+    else:
+        path = Path(cfg.ckpt_path)
+    read_checkpoint(path, kind, mmap=True)  # the right kind and readable, or one clear line
     return str(path)
 
 
-def fit(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: CXRDataModule) -> None:
+def fit(
+    cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: CXRDataModule, ckpt_path: str | None
+) -> None:
+    """Train ``module`` from scratch, or on from ``ckpt_path`` (``resume_path``'s answer); the config is saved first."""
     save_config(cfg, trainer)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
