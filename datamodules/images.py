@@ -8,6 +8,7 @@ scan can report it and a Dataset can replace it instead of killing a run hours i
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -70,6 +71,7 @@ def check_intensity(policy: str) -> str:
     return policy
 
 
+@functools.cache  # read once per file, not once per epoch
 def png_significant_bits(path: str | Path) -> int | None:
     """The grey depth a PNG's sBIT chunk records (None without one). Pillow does not expose sBIT, so the chunks
     before the pixel data are walked here: 8-byte signature, then (length, type, data, CRC) records."""
@@ -103,11 +105,12 @@ def intensity_scale(values: np.ndarray, path: str | Path, policy: str = "auto") 
         if bits is None and str(path).lower().endswith(".png"):
             recorded = png_significant_bits(path)
             bits = recorded if recorded and values.max() < 2**recorded else None
-        if bits is None and values.max() < 2**12 and path not in _WARNED_DEPTH:
-            _WARNED_DEPTH.add(path)
+        if bits is None and values.max() < 2**12 and not _warned_depth:
+            _warned_depth.append(path)  # once per process: a whole 12-bit dataset would flood the log
             log.warning(
-                "%s: 16-bit image with values up to %d and no recorded depth, scaled by 65535 (data.intensity=auto) "
-                "and so nearly black: set data.intensity=bits:12 (or the real depth), minmax or percentile",
+                "%s (and maybe more): 16-bit image with values up to %d and no recorded depth, scaled by 65535 "
+                "(data.intensity=auto) and so nearly black: set data.intensity=bits:12 (or the real depth), minmax "
+                "or percentile",
                 path,
                 int(values.max()),
             )
@@ -115,7 +118,7 @@ def intensity_scale(values: np.ndarray, path: str | Path, policy: str = "auto") 
     return (values - low) / max(high - low, 1e-6)
 
 
-_WARNED_DEPTH: set = set()
+_warned_depth: list = []
 
 
 def _to_gray01(im: Image.Image, path: str | Path = "", intensity: str = "auto") -> np.ndarray:

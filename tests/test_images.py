@@ -164,7 +164,8 @@ def _with_sbit(png: bytes, bits: int) -> bytes:
     return png[:33] + record + png[33:]
 
 
-def test_sixteen_bit_images_are_scaled_by_their_real_depth_or_the_declared_policy(tmp_path, caplog):
+def test_sixteen_bit_images_are_scaled_by_their_real_depth_or_the_declared_policy(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("datamodules.images._warned_depth", [])  # the warning comes once per process
     twelve = (PIXELS.astype(np.uint16) * 16).astype(np.uint16)  # 12-bit values, stored unscaled
     plain = write(tmp_path / "plain.png", encode(twelve))
     tagged = write(tmp_path / "tagged.png", _with_sbit(encode(twelve), 12))

@@ -111,13 +111,13 @@ def test_paste_returns_the_original_pixels_outside_the_feathered_region(pipeline
 
 
 def test_resampling_redraws_the_region_only_and_one_pass_is_plain_blending(pipeline, images, regions):
-    """RePaint: more passes per step change the inside, never the known latent outside; resample=1 is the blend."""
+    """RePaint: more passes per step change the inside, never the known latent outside, and are seeded
+    (resample=1, the default, is the plain blend the diffusers-equality test above checks)."""
     base = dict(strength=1.0, guidance_scale=3.0, num_inference_steps=3, paste=False)
     plain = pipeline.induce(images, regions, PROMPT, InductionSettings(**base), seeded(5))
-    once = pipeline.induce(images, regions, PROMPT, InductionSettings(**base, resample=1), seeded(5))
     twice = pipeline.induce(images, regions, PROMPT, InductionSettings(**base, resample=3), seeded(5))
     again = pipeline.induce(images, regions, PROMPT, InductionSettings(**base, resample=3), seeded(5))
-    assert torch.equal(plain.latents, once.latents) and torch.equal(twice.latents, again.latents)
+    assert torch.equal(twice.latents, again.latents)
     inside = latent_mask(regions, plain.latents.shape[-2:]).bool().expand_as(plain.latents)
     assert torch.equal(twice.latents[~inside], plain.latents[~inside])
     assert (twice.latents[inside] - plain.latents[inside]).abs().mean() > 0.05

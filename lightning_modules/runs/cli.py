@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from configs import ConfigError, compose
@@ -51,8 +52,9 @@ def check_writable(folder: str | Path, key: str) -> None:
         raise SystemExit(f"config error: {key}={folder} cannot be written: {one_line(err)}") from None
 
 
-#: errors a user causes and can fix from the message: shown without a traceback
-USER_ERRORS = (ValueError, LookupError, OSError)
+#: errors a user causes and can fix from the message: shown without a traceback (Lightning's own word for a setting
+#: this machine or run cannot take included)
+USER_ERRORS = (ValueError, LookupError, OSError, MisconfigurationException)
 #: what to do when the system refuses a file operation
 OS_ADVICE = {
     errno.ENOSPC: "free some space or choose another output folder",
@@ -72,12 +74,7 @@ def one_line(err: BaseException) -> str:
         advice = OS_ADVICE.get(err.errno or -1)
         return f"{err.strerror}:{where}" + (f" ({advice})" if advice else "")
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if isinstance(err, USER_ERRORS) or _is_user_error(err) else f"{type(err).__name__}: {text}"
-
-
-def _is_user_error(err: BaseException) -> bool:
-    """Lightning's own word for a setting this machine or run cannot take (e.g. GPUs that are not there)."""
-    return type(err).__name__ == "MisconfigurationException"
+    return text if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {text}"
 
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
@@ -93,7 +90,7 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
     except Exception as err:
         if os.environ.get("VALD_DEBUG", "") not in ("", "0"):
             raise
-        expected = isinstance(err, USER_ERRORS) or _is_user_error(err)
+        expected = isinstance(err, USER_ERRORS)
         hint = "" if expected else " (unexpected: VALD_DEBUG=1 shows the traceback; please report it)"
         print(f"{name}: error: {one_line(err)}{hint}", file=sys.stderr)
         raise SystemExit(1) from None
