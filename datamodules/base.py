@@ -12,8 +12,11 @@ Optional keys (present when the dataset has them): ``lung_mask`` (B, 1, H, W), `
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from datamodules.sampling import EpochSampler, ResumableLoader, run_seed
 
 
 class CXRDataModule(L.LightningDataModule):
@@ -40,32 +43,47 @@ class CXRDataModule(L.LightningDataModule):
             self.setup("fit" if split in ("train", "val") else "test")
         return self.datasets[split]
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
         return DataLoader(
             self.dataset(split),
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
+            shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, batch_size=self.batch_size, sampler=self.train_sampler())
+    def train_dataloader(self) -> ResumableLoader:
+        """Epoch orders drawn from the run's seed, sharded by rank, resumable mid-epoch (datamodules/sampling.py)."""
+        trainer = self.trainer
+        dataset = self.dataset("train")
+        sampler = EpochSampler(
+            dataset,
+            seed=run_seed(),
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            weights=self.train_weights(),
+        )
+        return ResumableLoader(
+            dataset,
+            sampler=sampler,
+            batches_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False, batch_size=self.eval_batch_size)
+        return self._loader("val", batch_size=self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
+        return self._loader("test", batch_size=self.eval_batch_size)
 
     def sample_prompts(self) -> list[str]:
         """Prompts shown in the training sample grids: the normal prompt first, then one per finding."""
         return [self.normal_prompt]
 
-    def train_sampler(self):
-        """Override for class-balanced sampling; ``None`` lets Lightning shard a shuffled loader under DDP."""
+    def train_weights(self) -> np.ndarray | None:
+        """Per-sample weights of the training draw (class-balanced sampling, with replacement); ``None``: a shuffle."""
         return None
 
 

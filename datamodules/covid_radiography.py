@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import WeightedRandomSampler
 
 from datamodules.base import CXRDataModule
 from datamodules.images import BAD_FILE_POLICIES, IMAGE_SUFFIXES, XRayDataset, build_transform, check_intensity
@@ -310,11 +308,10 @@ class CovidRadiographyDataModule(CXRDataModule):
         if self.lung_masks and missing:
             log.warning("%d images have no lung mask in masks/: their lung_mask is all zeros", missing)
 
-    def train_sampler(self) -> WeightedRandomSampler | None:
+    def train_weights(self) -> np.ndarray | None:
+        """With ``balanced_sampling``, every class carries the same total weight."""
         if not self.balanced_sampling:
             return None
         self.dataset("train")
         classes = pd.Series(self.split_classes["train"])
-        weights = 1.0 / classes.map(classes.value_counts()).to_numpy(dtype=np.float64)
-        generator = torch.Generator().manual_seed(self.seed)
-        return WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(classes), generator=generator)
+        return 1.0 / classes.map(classes.value_counts()).to_numpy(dtype=np.float64)

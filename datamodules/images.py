@@ -20,12 +20,13 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call from a training job
 import albumentations as A  # noqa: E402
 
 from datamodules.base import to_model_range  # noqa: E402
+from datamodules.sampling import SampleKey, key_rng, sample_key  # noqa: E402
 from datamodules.zones import binarize  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -223,10 +224,10 @@ PromptFn = Callable[[int, np.random.Generator], str]
 class XRayDataset(Dataset):
     """Images under ``root`` by relative path (the ``id``) with labels, prompts and optional masks.
 
-    ``prompt(index, rng)`` builds sample ``index``'s prompt. With ``random_prompt`` the rng is the process's (a new
-    phrasing at every access, for training); otherwise it is seeded by (seed, id), so a sample's prompt is the same in
-    every epoch, worker and run. Augmentations and random prompts are reseeded once per process from (seed, DDP rank,
-    worker seed): forked DataLoader workers would otherwise share one random stream and augment identically.
+    ``prompt(index, rng)`` builds sample ``index``'s prompt. With ``random_prompt`` the rng is drawn from (seed,
+    epoch, index) (a new phrasing every epoch, for training); otherwise from (seed, id), so a sample's prompt is the
+    same in every epoch. Augmentations are seeded by (seed, epoch, index) too: the same in every worker, rank and
+    resumed run (keys are ``(epoch, index)`` from datamodules/sampling.py; a plain index is epoch 0).
 
     A file that fails to decode raises under ``on_bad_file='error'``; under ``'skip'`` it is reported once with its
     path and the next readable sample (index + 1, ...) is served instead, so the batch and the run go on.
@@ -264,32 +265,21 @@ class XRayDataset(Dataset):
         self.random_prompt = random_prompt
         #: files that failed to decode in this process: id -> reason
         self.bad_files: dict[str, str] = {}
-        self._seeded_pid: int | None = None
-        self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _seed_process(self) -> None:
-        if self._seeded_pid == os.getpid():
-            return
-        dist = torch.distributed
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        worker_seed = torch.initial_seed() if get_worker_info() is not None else 0
-        entropy = np.random.SeedSequence([self.seed, rank, worker_seed])
-        self._rng = np.random.default_rng(entropy)
-        self.transform.set_random_seed(int(entropy.generate_state(1)[0]))
-        self._seeded_pid = os.getpid()
-
-    def __getitem__(self, index: int) -> dict:
-        self._seed_process()
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        index = sample_key(key)[1]
+        rng = key_rng(self.seed, key)
+        self.transform.set_random_seed(int(rng.integers(2**32)))
         failures = 0
         for step in range(len(self)):
             i = (index + step) % len(self)
             if self.ids[i] in self.bad_files:
                 continue
             try:
-                return self._load(i)
+                return self._load(i, rng)
             except UnreadableImageError as err:
                 if self.on_bad_file == "error":
                     raise RuntimeError(
@@ -311,7 +301,7 @@ class XRayDataset(Dataset):
             "row); is the dataset storage still mounted?"
         )
 
-    def _load(self, i: int) -> dict:
+    def _load(self, i: int, rng: np.random.Generator) -> dict:
         image = read_gray(self.root / self.ids[i], self.intensity)
         masks = {}
         for key, paths in (("lung_mask", self.lung_masks), ("mask", self.lesion_masks)):
@@ -321,7 +311,8 @@ class XRayDataset(Dataset):
         out = self.transform(image=image, masks=list(masks.values())) if masks else self.transform(image=image)
         image = torch.from_numpy(np.clip(out["image"], 0.0, 1.0)).float()[None]
         masks = {k: torch.from_numpy(np.asarray(m)).float()[None] for k, m in zip(masks, out.get("masks", []))}
-        rng = self._rng if self.random_prompt else np.random.default_rng([self.seed, zlib.crc32(self.ids[i].encode())])
+        if not self.random_prompt:
+            rng = np.random.default_rng([self.seed, zlib.crc32(self.ids[i].encode())])
         sample = {
             "image": to_model_range(image),
             "prompt": self.prompt(i, rng),

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from datamodules.base import CXRDataModule
 from datamodules.phantoms import FINDINGS, Finding, Phantom, render_phantom, sample_findings
 from datamodules.prompts import PromptBank
+from datamodules.sampling import SampleKey, sample_key
 
 SPLITS = ("train", "val", "test")
 COVID_CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
@@ -105,8 +106,8 @@ class SyntheticCXRDataset(Dataset):
     def phantom(self, i: int) -> Phantom:
         return self.sample(i)[1]
 
-    def __getitem__(self, i: int) -> dict:
-        i = int(i)
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        i = sample_key(key)[1]  # a phantom is the same in every epoch
         if self._cache is None:
             return self._render(i)
         if i not in self._cache:

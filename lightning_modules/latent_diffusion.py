@@ -85,11 +85,10 @@ class LatentDiffusionModule(L.LightningModule):
             dist = posterior(self.vae, images)
             mean, std = dist.mean, dist.std
         else:
-            missing = [i for i, key in enumerate(ids) if key not in self._latent_cache]
-            if missing:
-                dist = posterior(self.vae, images[missing])
-                for i, m, s in zip(missing, dist.mean, dist.std):
-                    self._latent_cache[ids[i]] = (m, s)
+            for i, key in enumerate(ids):
+                if key not in self._latent_cache:  # one image at a time: its latent is then the same bits whichever
+                    dist = posterior(self.vae, images[i : i + 1])  # batch it first came in (a resumed run's)
+                    self._latent_cache[key] = (dist.mean[0], dist.std[0])
             mean = torch.stack([self._latent_cache[key][0] for key in ids])
             std = torch.stack([self._latent_cache[key][1] for key in ids])
         latents = mean + std * torch.randn_like(mean) if sample else mean

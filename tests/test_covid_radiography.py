@@ -108,10 +108,9 @@ def test_lesion_masks_metadata_and_balanced_sampling(tmp_path):
     meta = dm.metadata  # sheet says NORMAL-1, the file is Normal-1.png
     assert meta.loc["Normal/images/Normal-1.png", "URL"] == "https://example.org/Normal/1"
     assert meta["URL"].notna().all()
-    sampler = dm.train_sampler()
-    weights = pd.Series(sampler.weights.numpy(), index=dm.split_classes["train"]).groupby(level=0).sum()
+    weights = pd.Series(dm.train_weights(), index=dm.split_classes["train"]).groupby(level=0).sum()
     np.testing.assert_allclose(weights.to_numpy(), 1.0)  # each class carries the same total weight
-    assert sampler.num_samples == len(train)
+    assert len(dm.train_dataloader().sampler) == len(train)
 
 
 def test_sheets_are_optional(tmp_path):

@@ -151,8 +151,30 @@ def test_dataset_replaces_a_file_gone_bad_and_names_it(tmp_path, caplog):
     assert ds[1]["id"] == "2.png" and ds[0]["prompt"] == ds[0]["prompt"]  # fixed phrasing per sample
     with pytest.raises(RuntimeError, match="1.png"):
         _dataset(tmp_path, on_bad_file="error")[1]
-    random = _dataset(tmp_path, random_prompt=True)
-    assert len({random[0]["prompt"] for _ in range(20)}) > 1
+    random = _dataset(tmp_path, random_prompt=True)  # a phrasing per (epoch, sample): resumed runs draw the same
+    assert len({random[(epoch, 0)]["prompt"] for epoch in range(20)}) > 1
+    assert random[(3, 0)]["prompt"] == random[(3, 0)]["prompt"]
+
+
+def test_augmentation_is_drawn_per_epoch_and_sample_the_same_in_any_worker(tmp_path):
+    """Keys (epoch, index) seed the augmentation: 2 workers draw what the main process draws, epochs differ."""
+    from torch.utils.data import DataLoader
+
+    for i in range(4):
+        write(tmp_path / f"{i}.png", encode(gray(24, 24, seed=i)))
+    affine = [{"name": "Affine", "rotate": [-20, 20], "translate_percent": [-0.1, 0.1], "p": 1.0}]
+    ds = XRayDataset(
+        tmp_path,
+        [f"{i}.png" for i in range(4)],
+        np.eye(4, 2),
+        lambda i, rng: "p",
+        build_transform(16, augmentations=affine),
+    )
+    keys = [(epoch, i) for epoch in (0, 1) for i in range(4)]
+    here = torch.stack([ds[key]["image"] for key in keys])
+    workers = torch.cat([b["image"] for b in DataLoader(ds, batch_size=2, sampler=keys, num_workers=2)])
+    assert torch.equal(here, workers)
+    assert not torch.equal(here[:4], here[4:])  # epoch 1 draws other augmentations than epoch 0
 
 
 def _with_sbit(png: bytes, bits: int) -> bytes:

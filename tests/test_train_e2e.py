@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,61 @@ def test_same_seed_same_weights(tmp_path):
     first, second, other = weights("a", 0), weights("b", 0), weights("c", 1)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss over every version of a run (a resumed version re-logs the steps after its checkpoint)."""
+    losses = {}
+    for version in sorted(run_dir.glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0}).Reload()
+        losses.update({e.step: e.value for e in events.Scalars("train/loss")})
+    return losses
+
+
+def _kill_after_checkpoint(command: list[str], checkpoint: Path, step: int) -> None:
+    """Start ``command``; SIGKILL it as soon as ``checkpoint`` holds global step >= ``step`` (mid-training)."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = None
+    while process.poll() is None:
+        stamp = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+        if stamp is not None and stamp != seen:
+            seen = stamp
+            if torch.load(checkpoint, weights_only=True, mmap=True)["global_step"] >= step:
+                process.kill()  # SIGKILL: no handler, no last checkpoint written on the way out
+                break
+        time.sleep(0.02)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{stderr[-2000:]}"
+
+
+@pytest.mark.slow
+def test_a_run_killed_and_resumed_ends_bit_identical_to_the_uninterrupted_run(stage1, tmp_path):
+    """SIGKILL twice (in the first epoch, then past an epoch boundary) and resume: the same UNet, EMA and loss curve.
+    20 images in batches of 8 make 3 batches an epoch, the last one short; checkpoints every 2 steps."""
+    command = [
+        sys.executable,
+        "experiments/train.py",
+        "experiment=smoke",
+        f"model.vae.path={stage1 / 'autoencoder' / 'vae'}",
+        "data.num_train=20",
+        "data.num_val=8",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=2",
+        "callbacks.samples.every_n_steps=100",
+    ]
+    subprocess.run([*command, f"log_dir={tmp_path / 'whole'}"], cwd=ROOT, check=True, capture_output=True)
+    last = tmp_path / "killed" / "ldm" / "checkpoints" / "last.ckpt"
+    killed = [*command, f"log_dir={tmp_path / 'killed'}"]
+    _kill_after_checkpoint(killed, last, step=2)
+    _kill_after_checkpoint([*killed, "ckpt_path=last"], last, step=6)
+    subprocess.run([*killed, "ckpt_path=last"], cwd=ROOT, check=True, capture_output=True)
+
+    whole = torch.load(tmp_path / "whole" / "ldm" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(last, weights_only=True)
+    assert whole["global_step"] == resumed["global_step"] == 12
+    assert whole["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, weight in whole["state_dict"].items():
+        assert torch.equal(weight, resumed["state_dict"][key]), key
+    for a, b in zip(whole["ema"]["shadow_params"], resumed["ema"]["shadow_params"], strict=True):
+        assert torch.equal(a, b)
+    assert _losses(tmp_path / "whole" / "ldm") == _losses(tmp_path / "killed" / "ldm")

@@ -17,6 +17,7 @@ from datamodules.base import CXRDataModule
 from lightning_modules.checkpoints import AtomicCheckpointIO, newest_readable, read_checkpoint
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from lightning_modules.runs.cli import log
+from lightning_modules.seeding import StepSeeds
 
 #: the model keys that build LatentDiffusionModule (the rest of `model` configures stage 1 and the classifier)
 MODULE_KEYS = ("vae", "unet", "prompt_encoder", "noise_scheduler", "p_uncond", "ema", "optimizer", "compile")
@@ -77,7 +78,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], monitor: str = "
     return L.Trainer(
         **trainer_args,
         logger=logger,
-        callbacks=[checkpoints, LearningRateMonitor("step"), *callbacks],
+        callbacks=[checkpoints, LearningRateMonitor("step"), StepSeeds(cfg.seed), *callbacks],
         plugins=[AtomicCheckpointIO()],
     )
 
