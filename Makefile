@@ -20,7 +20,7 @@ TRAIN_OVERRIDES = $(if $(filter gpu,$(ACCELERATOR)),trainer=gpu) \
 	trainer.accelerator=$(ACCELERATOR) trainer.devices=$(DEVICES) trainer.num_nodes=$(NODES) \
 	$(if $(DDP),trainer.strategy=ddp) $(ARGS)
 
-.PHONY: lock install lint test test-fast demo demo-covid-layout train train-autoencoder train-classifier tensorboard bench clean
+.PHONY: lock install lint test test-fast demo demo-covid-layout train train-autoencoder train-classifier tensorboard bench repro clean
 
 $(STAMP): setup.cfg requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,10 @@ tensorboard: $(STAMP)
 # (about 4 min on 2 cores, 2 of them compiling; ARGS="compile=false" for the eager lines only)
 bench: $(STAMP)
 	$(PY) experiments/benchmark.py $(ARGS)
+
+# which machine settings change a seeded training run (threads, CPU kernels) -> outputs/repro/ (about 2 min)
+repro: $(STAMP)
+	$(PY) experiments/reproducibility.py $(ARGS)
 
 clean:
 	rm -rf logs outputs .pytest_cache build *.egg-info $(COVID_PHANTOMS)

@@ -22,6 +22,8 @@ ENTRY_POINTS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 TRAINING = ("benchmark", "train", "train_autoencoder", "train_classifier")
 #: entry points with a data group only: the model comes with a checkpoint
 SAMPLING = ("attribution", "evaluate", "induction")
+#: entry points that run other scripts in their own processes
+STANDALONE = ("reproducibility",)
 #: the model each YAML's settings default to when it names none (a stage-2 checkpoint stores model.sampling)
 CHECKPOINT_SAMPLING = compose("train").model.sampling
 #: `experiment=smoke` shrinks the CPU model's widths as lists whose length is the CPU model's depth; the GPU model
@@ -33,7 +35,7 @@ SHRINK = {
 
 
 def test_every_entry_point_is_tested():
-    assert sorted((*TRAINING, *SAMPLING)) == ENTRY_POINTS
+    assert sorted((*TRAINING, *SAMPLING, *STANDALONE)) == ENTRY_POINTS
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)
@@ -254,6 +256,7 @@ EXPECTED_SETTINGS = {
     "attribution": {"sdedit", "inversion"},
     "induction": {"induction", "region"},
     "benchmark": {"sdedit", "inversion"},
+    "reproducibility": set(),
 }
 #: the entries of EXPECTED_SETTINGS that are settings objects (the rest are callbacks and the induction region)
 SETTINGS_KEYS = {

@@ -81,6 +81,8 @@ def test_stage2_trains_logs_samples_and_resumes(stage1, tmp_path):
     assert [image.step for image in events.Images("samples/prompt_rows")] == [4]  # the final model
     config = (next(run.glob("version_0")) / "config.yaml").read_text()
     assert "experiment: smoke" in config and "block_out_channels" in config
+    environment = json.loads((run / "version_0" / "environment.json").read_text())
+    assert environment["cpu_capability"] and environment["num_threads"] == torch.get_num_threads()
 
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any(k.startswith(("vae.", "prompt_encoder.")) for k in checkpoint["state_dict"])

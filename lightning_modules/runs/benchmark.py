@@ -24,14 +24,12 @@ import copy
 import itertools
 import logging
 import os
-import platform
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import diffusers
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -50,6 +48,7 @@ from lightning_modules.compiled_unet import compile_unet
 from lightning_modules.latent_diffusion import LatentDiffusionModule, drop_prompts
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.prompt_encoder import NULL_PROMPT, PromptEncoder
+from lightning_modules.runs.environment import environment
 from lightning_modules.runs.timing import (
     Call,
     Line,
@@ -488,20 +487,6 @@ def run(cfg: DictConfig, settings: dict[str, CounterfactualSettings], quick: boo
     result["counterfactual_settings"] = {method: s.asdict() for method, s in settings.items()}
     result["quick"] = quick
     return result
-
-
-def environment(device: torch.device) -> dict:
-    return {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "lightning": L.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "num_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }
 
 
 def compile_cost(eager: Line, compiled: Line, calls_per_repeat: int = 1) -> dict:

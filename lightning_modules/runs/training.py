@@ -3,6 +3,7 @@ checkpoints, resume, and the config saved beside the run."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from datamodules.base import CXRDataModule
 from lightning_modules.checkpoints import AtomicCheckpointIO, newest_readable, read_checkpoint
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from lightning_modules.runs.cli import log
+from lightning_modules.runs.environment import environment
 from lightning_modules.seeding import StepSeeds
 
 #: the model keys that build LatentDiffusionModule (the rest of `model` configures stage 1 and the classifier)
@@ -84,11 +86,14 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], monitor: str = "
 
 
 def save_config(cfg: DictConfig, trainer: L.Trainer) -> None:
-    """The resolved config beside the TensorBoard events of this run (rank zero writes it)."""
+    """The resolved config and the environment (packages, CPU kernels, threads) beside the TensorBoard events of
+    this run (rank zero writes them)."""
     if trainer.is_global_zero:
         run = Path(trainer.logger.log_dir)
         run.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run / "config.yaml", resolve=True)
+        device = trainer.strategy.root_device
+        (run / "environment.json").write_text(json.dumps(environment(device), indent=2) + "\n")
 
 
 def resume_path(cfg: DictConfig, kind: str) -> str | None:
