@@ -26,12 +26,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call from a
 import albumentations as A  # noqa: E402
 
 from datamodules.base import to_model_range  # noqa: E402
+from datamodules.dicom import DICOM_SUFFIXES, check_dicom_header, is_dicom, read_dicom  # noqa: E402
 from datamodules.sampling import SampleKey, key_rng, sample_key  # noqa: E402
 from datamodules.zones import binarize  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
 RESIZE_MODES = ("stretch", "letterbox")
 BAD_FILE_POLICIES = ("skip", "error")
 # 16-bit grey PNGs open as 'I;16*' (older Pillow: 'I'). The PNG standard stores fewer significant bits scaled up to
@@ -137,8 +138,10 @@ def _to_gray01(im: Image.Image, path: str | Path = "", intensity: str = "auto") 
 
 def read_gray(path: str | Path, intensity: str = "auto") -> np.ndarray:
     """Decode ``path`` to float32 (H, W) in [0, 1] (16-bit images by the ``intensity`` policy); any failure becomes
-    ``UnreadableImageError`` with the path."""
+    ``UnreadableImageError`` with the path. DICOM goes through its grey-scale pipeline (datamodules/dicom.py)."""
     try:
+        if is_dicom(path):
+            return np.clip(read_dicom(path, intensity), 0.0, 1.0)
         with Image.open(path) as im:
             check_mode(im, path)
             im.load()
@@ -161,9 +164,11 @@ def check_header(path: str | Path) -> None:
     """Cheap validity check without decoding pixels: the header parses, the mode is supported, the file is complete.
 
     Completeness is read from the last kilobyte: a PNG ends with its IEND chunk and a JPEG with the end-of-image
-    marker, so a truncated download is caught at the cost of one short read.
+    marker, so a truncated download is caught at the cost of one short read. DICOM: ``check_dicom_header``.
     """
     try:
+        if is_dicom(path):
+            return check_dicom_header(path)
         with Image.open(path) as im:
             check_mode(im, path)
             fmt = im.format
