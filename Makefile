@@ -14,7 +14,8 @@ NODES ?= 1
 ACCELERATOR ?= $(if $(filter-out 0,$(GPUS)),gpu,cpu)
 DEVICES := $(if $(filter-out 0,$(GPUS)),$(GPUS),1)
 DDP := $(if $(or $(filter-out 0 1,$(GPUS)),$(filter-out 1,$(NODES))),1,)
-TRAIN_OVERRIDES = $(if $(filter gpu,$(ACCELERATOR)),trainer=gpu) \
+# on GPUs the GPU-sized system (model=gpu) unless ARGS picks a model
+TRAIN_OVERRIDES = $(if $(filter gpu,$(ACCELERATOR)),trainer=gpu $(if $(filter model=%,$(ARGS)),,model=gpu)) \
 	$(if $(DATA),data=$(DATA)) $(if $(DATA_ROOT),'data.root=$(DATA_ROOT)') \
 	$(if $(EXPERIMENT),experiment=$(EXPERIMENT)) \
 	trainer.accelerator=$(ACCELERATOR) trainer.devices=$(DEVICES) trainer.num_nodes=$(NODES) \

@@ -354,3 +354,23 @@ def test_overrides_apply_and_experiment_shrinks():
 def test_unknown_choices_and_keys_name_the_valid_ones(override, message):
     with pytest.raises(ConfigError, match=message):
         compose("train", [override])
+
+
+@pytest.mark.parametrize(
+    ("variables", "model"),
+    [
+        ([], None),
+        (["GPUS=4"], "model=gpu"),
+        (["GPUS=4", "ARGS=model=cpu"], "model=cpu"),
+        (["GPUS=2", "ACCELERATOR=cpu"], None),
+    ],
+)
+def test_make_train_on_gpus_trains_the_gpu_model_unless_told_otherwise(variables, model):
+    import subprocess
+
+    for target in ("train-autoencoder", "train-classifier", "train"):
+        command = ["make", "-n", target, *variables, "STAMP=/dev/null"]
+        words = subprocess.run(
+            command, cwd=CONFIG_DIR.parent, capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert [w for w in words if w.startswith("model=")] == ([model] if model else [])
