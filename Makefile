@@ -21,7 +21,7 @@ TRAIN_OVERRIDES = $(if $(filter gpu,$(ACCELERATOR)),trainer=gpu $(if $(filter mo
 	trainer.accelerator=$(ACCELERATOR) trainer.devices=$(DEVICES) trainer.num_nodes=$(NODES) \
 	$(if $(DDP),trainer.strategy=ddp) $(ARGS)
 
-.PHONY: lock install lint test test-fast demo demo-covid-layout train train-autoencoder train-classifier tensorboard bench repro clean
+.PHONY: lock install lint test test-fast demo demo-covid-layout train train-autoencoder train-classifier encode-latents tensorboard bench repro clean
 
 $(STAMP): setup.cfg requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ train-classifier: $(STAMP)
 
 train: $(STAMP)
 	$(PY) experiments/train.py $(TRAIN_OVERRIDES)
+
+# the latent store of stage 2's data, encoded by every device of the run (train with ARGS="latent_store.enabled=true")
+encode-latents: $(STAMP)
+	$(PY) experiments/encode_latents.py $(TRAIN_OVERRIDES)
 
 demo: $(STAMP)
 	bash experiments/demo.sh

@@ -60,6 +60,8 @@ class LatentDiffusionModule(L.LightningModule):
         self.ema = EMAModel(self.unet.parameters(), **ema) if ema else None
         self.strict_loading = False  # frozen weights are not in our checkpoints
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: a LatentStore (lightning_modules/latent_store.py): latents read from disk instead of encoded or cached
+        self.latent_store = None
 
     @functools.cached_property
     def training_unet(self) -> Callable:
@@ -81,7 +83,9 @@ class LatentDiffusionModule(L.LightningModule):
     def latents(self, batch: dict, sample: bool) -> torch.Tensor:
         """(B, 1, H, W) images -> (B, C, h, w) scaled latents; the posterior of each image id is encoded once."""
         images, ids = batch["image"], batch["id"]
-        if not self.hparams.cache_latents:
+        if self.latent_store is not None:
+            mean, std = (t.to(self.device) for t in self.latent_store.get(ids))
+        elif not self.hparams.cache_latents:
             dist = posterior(self.vae, images)
             mean, std = dist.mean, dist.std
         else:

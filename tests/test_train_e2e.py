@@ -235,3 +235,24 @@ def test_a_run_killed_and_resumed_ends_bit_identical_to_the_uninterrupted_run(st
     for a, b in zip(whole["ema"]["shadow_params"], resumed["ema"]["shadow_params"], strict=True):
         assert torch.equal(a, b)
     assert _losses(tmp_path / "whole" / "ldm") == _losses(tmp_path / "killed" / "ldm")
+
+
+@pytest.mark.slow
+def test_stage2_encodes_its_latent_store_once_and_trains_from_it(stage1, tmp_path, caplog):
+    common = [
+        "experiment=smoke",
+        f"log_dir={tmp_path}",
+        f"model.vae.path={stage1 / 'autoencoder' / 'vae'}",
+        "latent_store.enabled=true",
+        "data.num_train=16",
+        "data.num_val=4",
+    ]
+    with caplog.at_level("WARNING"):
+        first = train.main(common)
+    assert "encoding the train and val splits into the latent store" in caplog.text
+    store = first.lightning_module.latent_store
+    assert len(store) == 20 and first.lightning_module._latent_cache == {}  # read from disk, nothing cached
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        second = train.main([*common, "run_name=again"])
+    assert "encoding" not in caplog.text and second.lightning_module.latent_store.path == store.path

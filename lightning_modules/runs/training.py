@@ -15,8 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from configs import instantiate
 from datamodules.base import CXRDataModule
-from lightning_modules.checkpoints import AtomicCheckpointIO, newest_readable, read_checkpoint
+from lightning_modules.checkpoints import AtomicCheckpointIO, frozen_fingerprint, newest_readable, read_checkpoint
 from lightning_modules.latent_diffusion import LatentDiffusionModule
+from lightning_modules.latent_store import LatentStore, store_path
+from lightning_modules.latent_store import encode as encode_store
 from lightning_modules.runs.cli import log
 from lightning_modules.runs.environment import environment
 from lightning_modules.seeding import StepSeeds
@@ -60,7 +62,33 @@ def build_latent_diffusion(cfg: DictConfig, datamodule: CXRDataModule, **overrid
         total_steps=cfg.trainer.max_steps,
         sampling={**model["sampling"], "normal_prompt": datamodule.normal_prompt},
     )
-    return LatentDiffusionModule(**{**arguments, **overrides})
+    module = LatentDiffusionModule(**{**arguments, **overrides})
+    if cfg.latent_store.enabled:
+        module.latent_store = LatentStore(latent_store(cfg, datamodule, module.vae, write=cfg.trainer.devices == 1))
+    return module
+
+
+def latent_store(cfg: DictConfig, datamodule: CXRDataModule, vae: torch.nn.Module, write: bool = True) -> Path:
+    """The store of this data and VAE (lightning_modules/latent_store.py), encoded now if it is missing and
+    ``write`` (one process; several ranks encode it with `make encode-latents`)."""
+    if datamodule.has_random_augmentation:
+        raise ValueError(
+            "latent_store.enabled=true with data.augmentations: augmentations change the pixels every epoch, so "
+            "precomputed latents would train on images never served; turn one of them off"
+        )
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    path = store_path(cfg.latent_store.root, frozen_fingerprint(vae=vae)["vae"], data)
+    if LatentStore.complete(path):
+        log.info("latent store %s", path)
+        return path
+    if not write:
+        raise ValueError(
+            f"no latent store at {path} for this VAE and data yet: write it with `make encode-latents` and the same "
+            "arguments as this run (every rank encodes its share), then train"
+        )
+    log.warning("encoding the train and val splits into the latent store %s (once for this VAE and data)", path)
+    trainer = {k: cfg.trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy")}
+    return encode_store(path, vae, datamodule, trainer)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], monitor: str = "val/loss") -> L.Trainer:

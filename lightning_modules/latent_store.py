@@ -1,0 +1,183 @@
+"""Stage 1's posterior (mean and std) of every training and validation image, encoded once to disk and read
+memory-mapped by every rank of every later run.
+
+The in-memory cache (``model.cache_latents``) is rebuilt by each run and grows on each rank with the dataset
+(CheXpert at 32x32x4: about 7 GB of mean and std per rank). The store is written once by ``Trainer.predict``: each
+rank encodes its contiguous share one image at a time (so an image's latent has the same bits whatever the number of
+processes, and equals the in-memory cache's) into its own shard; ``meta.json``, written last, marks the store
+complete. Its folder is named by a hash of the VAE's fingerprint and of the data settings that change pixels, so a
+changed VAE, image size or transform finds another, empty store, never a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+
+from lightning_modules.components import vae_scale_factor
+from lightning_modules.vae import posterior
+
+#: data settings that never change a pixel: a store is shared across them
+NOT_PIXELS = ("batch_size", "eval_batch_size", "num_workers", "scan", "on_bad_file", "random_prompt", "prompt_bank")
+#: the splits a stage-2 run encodes (training loss and validation loss)
+SPLITS = ("train", "val")
+
+
+def store_path(root: str | Path, vae_fingerprint: str, data: dict) -> Path:
+    """``root/<hash of the VAE fingerprint and the pixel-changing data settings>``."""
+    pixels = {k: v for k, v in sorted(data.items()) if k not in NOT_PIXELS}
+    signature = json.dumps({"vae": vae_fingerprint, "splits": SPLITS, "data": pixels}, sort_keys=True, default=str)
+    return Path(root) / hashlib.sha256(signature.encode()).hexdigest()[:16]
+
+
+class LatentStore:
+    """A complete store, memory-mapped: ``get(ids)`` copies just those rows."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta = json.loads((self.path / "meta.json").read_text())
+        self.means = [np.load(self.path / shard["mean"], mmap_mode="r") for shard in meta["shards"]]
+        self.stds = [np.load(self.path / shard["std"], mmap_mode="r") for shard in meta["shards"]]
+        self.rows: dict[str, tuple[int, int]] = {}
+        for s, shard in enumerate(meta["shards"]):
+            ids = json.loads((self.path / shard["ids"]).read_text())
+            self.rows.update({key: (s, row) for row, key in enumerate(ids)})
+
+    @staticmethod
+    def complete(path: str | Path) -> bool:
+        return (Path(path) / "meta.json").is_file()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, h, w) posterior mean and std of ``ids``."""
+        missing = [key for key in ids if key not in self.rows]
+        if missing:
+            raise KeyError(
+                f"{missing[0]} (and {len(missing) - 1} more) not in the latent store {self.path}: it was written "
+                "for other data; delete the folder to encode it again"
+            )
+        where = [self.rows[key] for key in ids]
+        mean = np.stack([self.means[s][row] for s, row in where])
+        std = np.stack([self.stds[s][row] for s, row in where])
+        return torch.from_numpy(mean), torch.from_numpy(std)
+
+
+def shard(length: int, num_replicas: int, rank: int) -> list[int]:
+    """Rank ``rank``'s contiguous share of ``range(length)``, unpadded: every image is encoded exactly once."""
+    return np.array_split(np.arange(length), num_replicas)[rank].tolist()
+
+
+class ShardSampler(DistributedSampler):
+    """``shard`` as a sampler (a DistributedSampler, so Lightning does not put its own, padded one in its place)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = shard(len(dataset), num_replicas, rank)
+        self.num_samples = len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class LatentEncoder(L.LightningModule):
+    """The frozen VAE as a predictor: one image at a time, so that a latent never depends on its batch-mates."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae.eval()
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        dists = [posterior(self.vae, image[None]) for image in batch["image"]]
+        mean = torch.cat([d.mean for d in dists]).float().cpu()
+        return {"id": list(batch["id"]), "mean": mean, "std": torch.cat([d.std for d in dists]).float().cpu()}
+
+
+class ShardWriter(BasePredictionWriter):
+    """Each rank writes its rows into its own memory-mapped shard as batches come; rank zero writes ``meta.json``
+    after every rank has finished."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int]):
+        super().__init__(write_interval="batch")
+        self.path, self.shape = path, shape
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rank = trainer.global_rank
+        count = len(shard(len(trainer.predict_dataloaders.dataset), trainer.world_size, rank))
+        self.names = {k: f"{k}-{rank:03d}.npy" for k in ("mean", "std")}
+        self.arrays = {
+            k: np.lib.format.open_memmap(self.path / f"{name}.part", "w+", np.float32, (count, *self.shape))
+            for k, name in self.names.items()
+        }
+        self.ids: list[str] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        rows = slice(len(self.ids), len(self.ids) + len(prediction["id"]))
+        for key, array in self.arrays.items():
+            array[rows] = prediction[key].numpy()
+        self.ids.extend(prediction["id"])
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rank = trainer.global_rank
+        if len(self.ids) != len(self.arrays["mean"]):
+            raise RuntimeError(f"rank {rank} encoded {len(self.ids)} images for a shard of {len(self.arrays['mean'])}")
+        for key, array in self.arrays.items():
+            array.flush()
+            os.replace(self.path / f"{self.names[key]}.part", self.path / self.names[key])
+        (self.path / f"ids-{rank:03d}.json").write_text(json.dumps(self.ids))
+        trainer.strategy.barrier("latent store shards")
+        if trainer.is_global_zero:
+            shards = [
+                {"mean": f"mean-{r:03d}.npy", "std": f"std-{r:03d}.npy", "ids": f"ids-{r:03d}.json"}
+                for r in range(trainer.world_size)
+            ]
+            meta = {"shape": list(self.shape), "shards": shards}
+            (self.path / "meta.json.part").write_text(json.dumps(meta, indent=1))
+            os.replace(self.path / "meta.json.part", self.path / "meta.json")
+
+
+class _Splits(L.LightningDataModule):
+    """The splits a store holds, served to ``predict`` in rank shards (known only once the trainer runs)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int):
+        super().__init__()
+        self.data, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+
+    def predict_dataloader(self) -> DataLoader:
+        sampler = ShardSampler(self.data, self.trainer.world_size, self.trainer.global_rank)
+        return DataLoader(self.data, sampler=sampler, batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+def encode(path: Path, vae: torch.nn.Module, datamodule, trainer_args: dict) -> Path:
+    """Write the store of ``datamodule``'s train and val splits at ``path`` with a predict-only Trainer built from
+    ``trainer_args`` (accelerator, devices, strategy, num_nodes: every rank encodes its share)."""
+    path.mkdir(parents=True, exist_ok=True)
+    shape = (vae.config.latent_channels, *(datamodule.image_size // vae_scale_factor(vae),) * 2)
+    splits = _Splits(
+        ConcatDataset([datamodule.dataset(s) for s in SPLITS]), datamodule.eval_batch_size, datamodule.num_workers
+    )
+    trainer = L.Trainer(
+        **trainer_args,
+        precision="32-true",  # the store holds what the fp32 VAE gives, whatever the training precision
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ShardWriter(path, shape)],
+    )
+    trainer.predict(LatentEncoder(vae), datamodule=splits, return_predictions=False)
+    return path
