@@ -30,6 +30,8 @@ LINES = (
     "unet_channels_last",
     "unet_bf16_autocast",
     "matmul_peak",
+    "latents_from_files",
+    "latents_from_store",
 )
 KEYS = {
     "train_speedup_vs_plain",
@@ -50,6 +52,7 @@ KEYS = {
     "settings",
     "counterfactual_settings",
     "quick",
+    "latent_store",
 }
 LINE_KEYS = {
     "what",
@@ -118,6 +121,22 @@ def test_every_ratio_is_recomputed_from_the_recorded_seconds(quick):
     assert set(result["unet_variant_speedups"]) == {"channels_last", "bf16_autocast"}
     for variant, speedup in result["unet_variant_speedups"].items():
         assert math.isclose(speedup, rate[f"unet_{variant}"] / rate["unet_forward_backward"], rel_tol=1e-9)
+    store = rate["latents_from_store"] / rate["latents_from_files"]
+    assert math.isclose(result["latent_store"]["speedup_vs_files"], store, rel_tol=1e-9)
+
+
+def test_the_store_memory_lines_are_growths_per_image_and_their_projection(quick):
+    _, result, markdown = quick
+    memory = result["latent_store"]["memory"]
+    counts, grown = memory["counts"], memory["anonymous_bytes"]
+    for kind in ("cache", "store"):
+        per_image = (grown[kind][1] - grown[kind][0]) / (counts[1] - counts[0])
+        assert math.isclose(memory["bytes_per_image"][kind], per_image)
+        assert math.isclose(memory["projected_chexpert_bytes"][kind], per_image * 224_316)
+    latent_bytes = 2 * 4 * math.prod(memory["latent_shape"])  # mean and std, float32
+    assert memory["bytes_per_image"]["cache"] > 0.9 * latent_bytes  # the cache holds every latent in the rank memory
+    assert memory["bytes_per_image"]["store"] < latent_bytes / 4  # the store holds an index entry, not the latent
+    assert "latent store / from 256 px PNG files" in markdown
 
 
 def test_ours_agrees_with_diffusers_img2img_within_the_tolerance(quick):

@@ -49,6 +49,7 @@ from lightning_modules.latent_diffusion import LatentDiffusionModule, drop_promp
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.prompt_encoder import NULL_PROMPT, PromptEncoder
 from lightning_modules.runs.environment import environment
+from lightning_modules.runs.store_bench import store_lines
 from lightning_modules.runs.timing import (
     Call,
     Line,
@@ -81,6 +82,9 @@ QUICK = [
     "counterfactual.inversion.num_inference_steps=2",
     "num_threads=1",
     "compile=false",
+    "store.images=8",
+    "store.batch_size=4",
+    "store.memory_counts=[500,4000]",
 ]
 
 #: UNet variants timed beside the plain float32 forward + backward: what `make bench` says before we turn one on
@@ -483,7 +487,14 @@ def run(cfg: DictConfig, settings: dict[str, CounterfactualSettings], quick: boo
         lines = training_lines(bench)
         counterfactual, checks = counterfactual_lines(bench, settings)
         lines += counterfactual + flop_lines(bench)
+        store, store_memory = store_lines(bench)
+        lines += store
     result = report(cfg, lines, checks, device, (load, os.getloadavg()), time.perf_counter() - start)
+    by = {line.name: line for line in lines}
+    result["latent_store"] = {
+        "speedup_vs_files": by["latents_from_store"].median / by["latents_from_files"].median,
+        "memory": store_memory,
+    }
     result["counterfactual_settings"] = {method: s.asdict() for method, s in settings.items()}
     result["quick"] = quick
     return result
@@ -547,6 +558,18 @@ def _rate(value: float, unit: str) -> str:
     return f"{value / 1e9:.2f} G" if unit == "FLOP/s" else f"{value:.1f}"
 
 
+def store_notes(store: dict) -> list[str]:
+    memory = store["memory"]
+    per_image, projected = memory["bytes_per_image"], memory["projected_chexpert_bytes"]
+    return [
+        f"- stage-2 latents from the latent store / from 256 px PNG files: **{store['speedup_vs_files']:.1f}x**",
+        f"- a rank's own memory per image ({memory['method']}, {memory['counts'][0]} -> {memory['counts'][1]} "
+        f"images of {'x'.join(map(str, memory['latent_shape']))} latents): in-memory cache "
+        f"{per_image['cache'] / 1024:.1f} KB, store {per_image['store'] / 1024:.2f} KB; projected to CheXpert's "
+        f"224,316 images: cache {projected['cache'] / 2**30:.1f} GB, store {projected['store'] / 2**30:.2f} GB",
+    ]
+
+
 def compile_notes(compile: dict | None) -> list[str]:
     if compile is None:
         return []
@@ -602,6 +625,7 @@ def markdown(result: dict) -> str:
                 f"- UNet forward + backward, {VARIANTS[variant]} / float32: {speedup:.2f}x"
                 for variant, speedup in result["unet_variant_speedups"].items()
             ),
+            *store_notes(result["latent_store"]),
             f"- peak memory: {result['memory_method']}, over the last warm-up call",
             f"- training batch {settings['data']['batch_size']}; counterfactual batch "
             f"{settings['counterfactual']['batch_size']}, sdedit {counterfactual['sdedit']}, "

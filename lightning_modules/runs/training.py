@@ -63,7 +63,7 @@ def build_latent_diffusion(cfg: DictConfig, datamodule: CXRDataModule, **overrid
         sampling={**model["sampling"], "normal_prompt": datamodule.normal_prompt},
     )
     module = LatentDiffusionModule(**{**arguments, **overrides})
-    if cfg.latent_store.enabled:
+    if OmegaConf.select(cfg, "latent_store.enabled", default=False):  # train.yaml's (the benchmark has none)
         module.latent_store = LatentStore(latent_store(cfg, datamodule, module.vae, write=cfg.trainer.devices == 1))
     return module
 
