@@ -25,9 +25,16 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+#: names that are never DICOM: no need to open the file to look for its marker
+_RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def is_dicom(path: str | Path) -> bool:
-    if str(path).lower().endswith(DICOM_SUFFIXES):
+    name = str(path).lower()
+    if name.endswith(DICOM_SUFFIXES):
         return True
+    if name.endswith(_RASTER_SUFFIXES):
+        return False
     try:
         with open(path, "rb") as fh:
             fh.seek(128)

@@ -154,3 +154,8 @@ def test_an_attribution_folder_takes_dicom_by_suffix_or_by_its_magic(tmp_path):
     write_dicom(tmp_path / "b.DICOM")
     folder = ImageFolder(tmp_path, image_size=8)
     assert sorted(folder.ids) == ["a", "b"] and not folder.skipped and folder[0]["image"].shape == (1, 8, 8)
+
+
+def test_a_dicom_file_without_a_dicom_name_is_known_by_its_marker(tmp_path):
+    path = write_dicom(tmp_path / "a.dcm").rename(tmp_path / "1.2.840.113619")  # as PACS exports often name them
+    np.testing.assert_allclose(read_gray(path), STORED / 4095, atol=1e-6)

@@ -566,7 +566,8 @@ def store_notes(store: dict) -> list[str]:
         f"- a rank's own memory per image ({memory['method']}, {memory['counts'][0]} -> {memory['counts'][1]} "
         f"images of {'x'.join(map(str, memory['latent_shape']))} latents): in-memory cache "
         f"{per_image['cache'] / 1024:.1f} KB, store {per_image['store'] / 1024:.2f} KB; projected to CheXpert's "
-        f"224,316 images: cache {projected['cache'] / 2**30:.1f} GB, store {projected['store'] / 2**30:.2f} GB",
+        f"224,316 images: cache {projected['cache'] / 2**30:.1f} GB, store {projected['store'] / 2**30:.2f} GB"
+        + (" (no measurable growth: below the allocator's noise)" if per_image["store"] <= 0 else ""),
     ]
 
 
