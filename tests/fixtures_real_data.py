@@ -125,3 +125,26 @@ def make_chexpert_tree(base: Path, folder: str = "CheXpert-v1.0-small", *, trunc
             rows.append(_row(f"{folder}/{rel}", view, ap_pa, labels))
         pd.DataFrame(rows, columns=list(HEADER)).to_csv(root / f"{split}.csv", index=False)
     return root
+
+
+#: (path, report, effusion, nodule, patient, split) rows of the CSV tree: a report left empty, an uncertain label, a
+#: blank (unknown) label, a patient with two images
+CSV_ROWS = (
+    ("p1/a.png", "small left pleural effusion", "1", "0", "p1", "train"),
+    ("p1/b.png", "", "0", "1", "p1", "train"),
+    ("p2/a.png", "no acute cardiopulmonary abnormality", "0", "0", "p2", "train"),
+    ("p3/a.png", "possible nodule", "0", "-1", "p3", "val"),
+    ("p4/a.png", "effusion", "1", "", "p4", "test"),
+    ("p5/a.png", "", "0", "0", "p5", "test"),
+)
+
+
+def make_csv_tree(base: Path) -> Path:
+    """``base/csv_dataset`` with the PNGs of ``CSV_ROWS`` and ``labels.csv`` (columns path, report, effusion, nodule,
+    patient, split)."""
+    root = base / "csv_dataset"
+    for i, row in enumerate(CSV_ROWS):
+        write(root / row[0], encode(gray(24, 20, seed=i)))
+    columns = ["path", "report", "effusion", "nodule", "patient", "split"]
+    pd.DataFrame(CSV_ROWS, columns=columns).to_csv(root / "labels.csv", index=False)
+    return root
