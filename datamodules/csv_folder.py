@@ -173,14 +173,8 @@ class CSVDataModule(CXRDataModule):
         table = self.table[[str(self._file(p)) not in bad for p in self.table["_path"]]]
         for split in SPLITS:
             part = table[table["split"] == split]
-            values = part[list(self.finding_names)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
-            values = values.reshape(len(part), len(self.finding_names))
-            uncertain, unknown = values == -1, np.isnan(values)
-            labels = np.where(uncertain, float(self.uncertain == "ones"), np.nan_to_num(values)).astype(np.float32)
-            mask = (~unknown & ~(uncertain & (self.uncertain == "ignore"))).astype(np.float32)
-            prompt = LabelPrompt(
-                self.finding_names, labels > 0, uncertain & (self.uncertain == "ones"), self.normal_prompt
-            )
+            labels, mask, hedged = label_arrays(part[list(self.finding_names)], self.uncertain)
+            prompt = LabelPrompt(self.finding_names, labels > 0, hedged, self.normal_prompt)
             if self.columns["prompt"]:
                 prompt = TextPrompt(part[self.columns["prompt"]].str.strip().tolist(), prompt)
             self.datasets[split] = XRayDataset(
@@ -197,6 +191,16 @@ class CSVDataModule(CXRDataModule):
 
     def sample_prompts(self) -> list[str]:
         return [self.normal_prompt, *(n.replace("_", " ").lower() for n in self.finding_names)]
+
+
+def label_arrays(columns: pd.DataFrame, uncertain: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label columns of 1 / 0 / -1 (uncertain) / blank (unknown) -> (labels, label_mask, hedged) under the
+    ``uncertain`` policy: ignore (0, masked out of the loss), zeros (0) or ones (1, hedged in the prompt)."""
+    values = columns.apply(pd.to_numeric, errors="coerce").to_numpy(np.float32).reshape(len(columns), columns.shape[1])
+    doubtful, unknown = values == -1, np.isnan(values)
+    labels = np.where(doubtful, float(uncertain == "ones"), np.nan_to_num(values)).astype(np.float32)
+    mask = (~unknown & ~(doubtful & (uncertain == "ignore"))).astype(np.float32)
+    return labels, mask, doubtful & (uncertain == "ones")
 
 
 def _is_label_column(column: pd.Series) -> bool:

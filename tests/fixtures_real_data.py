@@ -148,3 +148,42 @@ def make_csv_tree(base: Path) -> Path:
     columns = ["path", "report", "effusion", "nodule", "patient", "split"]
     pd.DataFrame(CSV_ROWS, columns=columns).to_csv(root / "labels.csv", index=False)
     return root
+
+
+#: (subject, study, dicom_id, view, split, report, Pleural Effusion label) of the MIMIC tree; study 53 has no report
+MIMIC_ROWS = (
+    (
+        "10000032",
+        "50000001",
+        "a1",
+        "PA",
+        "train",
+        "FINDINGS: Small left ___ effusion.\nIMPRESSION: Left effusion.",
+        "1",
+    ),
+    ("10000032", "50000001", "a2", "LATERAL", "train", None, "1"),  # the same study: its report is a1's
+    ("10000032", "50000002", "b1", "AP", "train", "INDICATION: ___ cough.\nIMPRESSION: No acute process.", "0"),
+    ("11000001", "51000001", "c1", "PA", "validate", "FINDINGS: Possible effusion.\nIMPRESSION: ___", "-1"),
+    ("12000001", "53000001", "d1", "AP", "test", None, ""),
+)
+
+
+def make_mimic_tree(base: Path) -> tuple[Path, Path]:
+    """``base/mimic-cxr-jpg`` (files/, metadata, split (gzipped), chexpert CSVs) and ``base/mimic-cxr-reports``."""
+    root, reports = base / "mimic-cxr-jpg", base / "mimic-cxr-reports"
+    from datamodules.chexpert import FINDINGS
+
+    metadata, split, labels = [], [], {}
+    for i, (subject, study, dicom, view, part, report, effusion) in enumerate(MIMIC_ROWS):
+        folder = f"files/p{subject[:2]}/p{subject}/s{study}"
+        write(root / folder / f"{dicom}.jpg", encode(gray(24, 20, seed=i), "JPEG"))
+        if report is not None:
+            write(reports / f"{folder}.txt", f"                                 FINAL REPORT\n {report}\n".encode())
+        metadata.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view})
+        split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": part})
+        labels[(subject, study)] = {"subject_id": subject, "study_id": study, "No Finding": ""}
+        labels[(subject, study)].update({f: ("" if f != "Pleural Effusion" else effusion) for f in FINDINGS})
+    pd.DataFrame(metadata).to_csv(root / "mimic-cxr-2.0.0-metadata.csv", index=False)
+    pd.DataFrame(split).to_csv(root / "mimic-cxr-2.0.0-split.csv.gz", index=False)
+    pd.DataFrame(list(labels.values())).to_csv(root / "mimic-cxr-2.0.0-chexpert.csv", index=False)
+    return root, reports

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from configs import CONFIG_DIR, ConfigError, choices, compose, instantiate
 from datamodules.base import CXRDataModule
-from tests.fixtures_real_data import make_chexpert_tree, make_covid_tree, make_csv_tree
+from tests.fixtures_real_data import make_chexpert_tree, make_covid_tree, make_csv_tree, make_mimic_tree
 from tests.helpers import SMOKE
 
 ENTRY_POINTS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -61,6 +61,7 @@ def data_roots(tmp_path_factory) -> dict[str, list[str]]:
         "covid_radiography": [f"data.root={make_covid_tree(base)}"],
         "chexpert": [f"data.root={make_chexpert_tree(base)}"],
         "csv": [f"data.root={make_csv_tree(base)}", "data.split_column=split", "data.prompt_column=report"],
+        "mimic_cxr": [f"data.{k}={v}" for k, v in zip(("root", "reports_root"), make_mimic_tree(base), strict=True)],
     }
 
 
