@@ -63,6 +63,8 @@ class CXRDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             weights=self.train_weights(),
         )
+        if trainer is not None:  # a run resumed at an epoch's end makes its first iterator before Lightning sets it
+            sampler.set_epoch(trainer.current_epoch)
         return ResumableLoader(
             dataset,
             sampler=sampler,

@@ -8,6 +8,7 @@ column the prompt names the positive findings; without positive findings it is t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +19,15 @@ from datamodules.base import CXRDataModule
 from datamodules.images import BAD_FILE_POLICIES, XRayDataset, build_transform, check_intensity
 from datamodules.scan import SCAN_MODES, BadFile, enforce, scan_files
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
+#: column names whose meaning is clear: a warning when one is present but not configured
+CONVENTIONAL = {
+    "prompt": ("report", "prompt", "text", "findings", "impression"),
+    "patient": ("patient", "patient_id", "subject_id"),
+    "split": ("split",),
+}
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 LAYOUT = """\
 <root>/                   <- data.root
@@ -119,6 +128,16 @@ class CSVDataModule(CXRDataModule):
         if missing:
             raise ValueError(f"{self.csv_path}: no column {', '.join(missing)}; its columns: {list(table.columns)}")
         others = set(named.values())
+        for key, names in CONVENTIONAL.items():  # a column the user likely meant, left unused: say so
+            unused = [c for c in table.columns if c.lower() in names and c not in others]
+            if not self.columns[key] and unused:
+                log.warning(
+                    "%s: column %r is not used; set data.%s_column=%s to use it",
+                    self.csv_path,
+                    unused[0],
+                    key,
+                    unused[0],
+                )
         if label_columns is None:  # every column of label values besides the named ones
             label_columns = [c for c in table.columns if c not in others and _is_label_column(table[c])]
         unknown = [c for c in label_columns if c not in table.columns]
@@ -147,7 +166,10 @@ class CSVDataModule(CXRDataModule):
             if wrong:
                 raise ValueError(f"{self.csv_path}: split column {self.columns['split']!r} holds {wrong}, not {SPLITS}")
             return split
-        groups = table[self.columns["patient"]] if self.columns["patient"] else table["_path"]
+        groups = table["_path"]
+        if self.columns["patient"]:  # a row without a patient is its own group, not one big "" patient
+            patients = table[self.columns["patient"]].str.strip()
+            groups = patients.where(patients != "", "path:" + table["_path"])
         unique = np.array(sorted(set(groups)))  # sorted: the split does not depend on the CSV's row order
         order = np.random.default_rng(self.seed).permutation(len(unique))
         n_val, n_test = round(self.val_fraction * len(unique)), round(self.test_fraction * len(unique))
@@ -189,8 +211,18 @@ class CSVDataModule(CXRDataModule):
                 seed=self.seed,
             )
 
+        if stage in (None, "fit"):
+            check_fit_splits(self.datasets, f"CSV dataset {self.csv_path} (split_column, val_fraction)")
+
     def sample_prompts(self) -> list[str]:
         return [self.normal_prompt, *(n.replace("_", " ").lower() for n in self.finding_names)]
+
+
+def check_fit_splits(datasets: Mapping, what: str) -> None:
+    """Training needs images in train and val: without val no checkpoint is ever written (it saves on validation)."""
+    empty = [split for split in ("train", "val") if not len(datasets[split])]
+    if empty:
+        raise ValueError(f"{what}: no readable images in the {' and '.join(empty)} split, which training needs")
 
 
 def label_arrays(columns: pd.DataFrame, uncertain: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

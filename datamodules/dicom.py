@@ -43,6 +43,10 @@ def is_dicom(path: str | Path) -> bool:
         return False
 
 
+def _named_dicom(path: str | Path) -> bool:
+    return str(path).lower().endswith(DICOM_SUFFIXES)
+
+
 def check_radiograph(ds: Dataset) -> str | None:
     """Why ``ds`` is not one grey (or RGB) image VALD can read; None when it is."""
     if len(ds) == 0:  # what pydicom returns when a file ends inside its first undefined-length element
@@ -76,7 +80,7 @@ def read_dicom(path: str | Path, intensity: str = "auto") -> np.ndarray:
     ``bits:<n>`` by 2^n - 1 (a file whose ``BitsStored`` is wrong); ``minmax`` / ``percentile`` stretch per image."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about a cut-off file: check_radiograph gives the reason
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, force=_named_dicom(path))  # a .dcm without the 128-byte preamble is still one
     reason = check_radiograph(ds)
     if reason:
         raise ValueError(reason)
@@ -114,7 +118,7 @@ def check_dicom_header(path: str | Path) -> None:
     pixel data itself is skipped over, not read). Raises ValueError with the reason."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about a cut-off file: the reason is raised below instead
-        ds = pydicom.dcmread(path, defer_size=256)
+        ds = pydicom.dcmread(path, defer_size=256, force=_named_dicom(path))
     reason = check_radiograph(ds)
     if reason:
         raise ValueError(reason)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from datamodules.base import CXRDataModule
 from datamodules.chexpert import FINDINGS
-from datamodules.csv_folder import UNCERTAIN_POLICIES, LabelPrompt, TextPrompt, label_arrays
+from datamodules.csv_folder import UNCERTAIN_POLICIES, LabelPrompt, TextPrompt, check_fit_splits, label_arrays
 from datamodules.images import BAD_FILE_POLICIES, XRayDataset, build_transform, check_intensity
 from datamodules.scan import SCAN_MODES, BadFile, enforce, scan_files
 
@@ -218,6 +218,9 @@ class MimicCXRDataModule(CXRDataModule):
                 on_bad_file=self.on_bad_file,
                 intensity=self.intensity,
             )
+
+        if stage in (None, "fit"):
+            check_fit_splits(self.datasets, f"MIMIC-CXR-JPG ({self.root})")
 
     def sample_prompts(self) -> list[str]:
         return [self.normal_prompt, "small left pleural effusion", "right lower lobe consolidation", "mild edema"]

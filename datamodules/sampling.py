@@ -2,7 +2,7 @@
 
 Lightning's default shuffled loader draws each epoch's order from the global RNG when the epoch's iterator is made,
 and an interrupted epoch starts again from its first batch: a resumed run trains on other batches than the run it
-continues. Here epoch ``e``'s order comes from a generator seeded with ``seed + e`` (DistributedSampler's convention),
+continues. Here epoch ``e``'s order comes from a generator seeded by (seed, e),
 each DDP rank takes its shard of it, and the loader's checkpointed state (epoch, batches trained) makes a resumed run
 begin at the first batch the interrupted one had not trained on. Items are ``(epoch, index)`` keys, so a dataset that
 draws at random (augmentations, prompt phrasing) seeds the draw by (seed, epoch, index): the same in every worker,
@@ -57,7 +57,10 @@ class EpochSampler(DistributedSampler):
 
     def order(self) -> list[int]:
         """Every rank's indices of this epoch, before sharding."""
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        # (seed, epoch) through SeedSequence, not seed + epoch: seed s+1 must not replay seed s's orders one epoch late
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        )
         n = len(self.dataset)
         if self.weights is None:
             return torch.randperm(n, generator=generator).tolist()

@@ -32,11 +32,32 @@ NOT_PIXELS = ("batch_size", "eval_batch_size", "num_workers", "scan", "on_bad_fi
 SPLITS = ("train", "val")
 
 
-def store_path(root: str | Path, vae_fingerprint: str, data: dict) -> Path:
-    """``root/<hash of the VAE fingerprint and the pixel-changing data settings>``."""
+#: raised when the code that turns files into pixels changes (decoding, resizing, intensity): older stores go stale
+PIPELINE_VERSION = 1
+
+
+def store_path(root: str | Path, vae_fingerprint: str, data: dict, files: str = "") -> Path:
+    """``root/<hash of the VAE fingerprint, the pixel-changing data settings, the files and the pixel code>``."""
     pixels = {k: v for k, v in sorted(data.items()) if k not in NOT_PIXELS}
-    signature = json.dumps({"vae": vae_fingerprint, "splits": SPLITS, "data": pixels}, sort_keys=True, default=str)
-    return Path(root) / hashlib.sha256(signature.encode()).hexdigest()[:16]
+    signature = {"vae": vae_fingerprint, "splits": SPLITS, "data": pixels, "files": files, "code": PIPELINE_VERSION}
+    return Path(root) / hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def files_signature(datamodule) -> str:
+    """A hash of every stored image's id, size and modification time: images re-exported at the same paths make
+    another store. Generated data (no files) is described by its settings and length alone."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        dataset = datamodule.dataset(split)
+        root, ids = getattr(dataset, "root", None), getattr(dataset, "ids", None)
+        digest.update(f"{split}:{len(dataset)}\n".encode())
+        for key in ids if root is not None and ids is not None else ():
+            try:
+                stat = (Path(root) / key).stat()
+                digest.update(f"{key}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{key}\0missing\n".encode())
+    return digest.hexdigest()[:16]
 
 
 class LatentStore:

@@ -7,6 +7,7 @@ zero key/value contributes nothing but a constant to the attention softmax.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from importlib.resources import files
 
 import torch
@@ -44,6 +45,7 @@ class PromptEncoder(nn.Module):
         max_length: int = 32,
         pretrained: str | None = None,
         cache: bool = True,
+        cache_size: int = 4096,
     ):
         super().__init__()
         self.name_or_path, self.backend, self.max_length, self.use_cache = name_or_path, backend, max_length, cache
@@ -66,7 +68,12 @@ class PromptEncoder(nn.Module):
         else:
             raise ValueError(f"unknown prompt encoder backend '{backend}'; valid: transformers, open_clip")
         self.model.eval().requires_grad_(False)
-        self._cache: dict[str, torch.Tensor] = {}
+        if cache_size < 1:
+            raise ValueError(f"prompt_encoder.cache_size must be >= 1, got {cache_size}")
+        #: the most recently used prompts' embeddings, at most cache_size: template banks fit whole, while free-text
+        #: reports (a prompt per image) would otherwise fill memory
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_size = cache_size
 
     def train(self, mode: bool = True) -> PromptEncoder:
         """Stays in eval mode: the encoder is frozen, dropout must not make a cached prompt change."""
@@ -99,14 +106,20 @@ class PromptEncoder(nn.Module):
         if not self.use_cache:
             return self._encode(list(prompts))
         missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            for prompt, hidden in zip(missing, self._encode(missing)):
-                self._cache[prompt] = hidden
-        return torch.stack([self._cache[p] for p in prompts])
+        found = dict(zip(missing, self._encode(missing))) if missing else {}
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self._cache:
+                self._cache.move_to_end(prompt)
+                found[prompt] = self._cache[prompt]
+            else:
+                self._cache[prompt] = found[prompt]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)  # the least recently used
+        return torch.stack([found[p] for p in prompts])
 
     def _apply(self, fn, recurse=True):
         """Moving the module moves the cache with it (device changes between fit and sampling)."""
-        self._cache = {k: fn(v) for k, v in self._cache.items()}
+        self._cache = OrderedDict((k, fn(v)) for k, v in self._cache.items())
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -67,13 +67,11 @@ def test_absolute_paths_and_dicom_rows(tmp_path):
     root = tmp_path / "root"
     write_dicom(tmp_path / "elsewhere.dcm")
     write(root / "a.png", encode(gray(10, 10)))
-    pd.DataFrame({"path": ["a.png", str(tmp_path / "elsewhere.dcm")], "effusion": ["1", "0"]}).to_csv(
-        root / "labels.csv", index=False
-    )
-    dm = CSVDataModule(str(root), image_size=8, val_fraction=0.0, test_fraction=0.0)
-    train = _by_id(dm, "train")
-    assert set(train) == {"a.png", str(tmp_path / "elsewhere.dcm")}
-    image = train[str(tmp_path / "elsewhere.dcm")]["image"]
+    rows = {"path": ["a.png", str(tmp_path / "elsewhere.dcm")], "effusion": ["1", "0"], "split": ["train", "val"]}
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    dm = CSVDataModule(str(root), image_size=8, split_column="split")
+    assert set(_by_id(dm, "train")) == {"a.png"}
+    image = _by_id(dm, "val")[str(tmp_path / "elsewhere.dcm")]["image"]
     assert image.shape == (1, 8, 8) and float(image.max()) > 0.9  # 4095 of 12 bits: white, not 1/16 grey
 
 
@@ -107,6 +105,25 @@ def test_missing_root_csv_and_unparsable_csv(tree, tmp_path):
     (tree / "labels.csv").write_text("path,effusion\np1/a.png,1\np2/a.png,0,extra,more\n")  # a malformed row
     with pytest.raises(ValueError, match="is not a readable CSV: .*Expected 2 fields in line 3, saw 4"):
         CSVDataModule(str(tree))
+
+
+def test_training_needs_train_and_val_images(tree):
+    table = pd.read_csv(tree / "labels.csv", dtype=str, keep_default_na=False)
+    table[table["split"] != "val"].to_csv(tree / "labels.csv", index=False)
+    dm = CSVDataModule(str(tree), **GIVEN)
+    assert len(dm.dataset("test")) == 2  # scoring a test split alone is fine
+    with pytest.raises(ValueError, match="no readable images in the val split, which training needs"):
+        CSVDataModule(str(tree), **GIVEN).setup("fit")
+
+
+def test_blank_patients_are_their_own_groups_and_unused_conventional_columns_are_named(tree, caplog):
+    table = pd.read_csv(tree / "labels.csv", dtype=str, keep_default_na=False).assign(patient="")
+    table.to_csv(tree / "labels.csv", index=False)
+    with caplog.at_level("WARNING"):
+        dm = CSVDataModule(str(tree), image_size=8, patient_column="patient", val_fraction=0.34, test_fraction=0.34)
+    assert dm.table["split"].nunique() == 3  # not one "" patient in one split
+    assert "column 'split' is not used; set data.split_column=split" in caplog.text
+    assert "column 'report' is not used; set data.prompt_column=report" in caplog.text
 
 
 def test_unreadable_images_are_listed_or_refused(tree):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -159,3 +160,15 @@ def test_an_attribution_folder_takes_dicom_by_suffix_or_by_its_magic(tmp_path):
 def test_a_dicom_file_without_a_dicom_name_is_known_by_its_marker(tmp_path):
     path = write_dicom(tmp_path / "a.dcm").rename(tmp_path / "1.2.840.113619")  # as PACS exports often name them
     np.testing.assert_allclose(read_gray(path), STORED / 4095, atol=1e-6)
+
+
+def test_a_dcm_without_the_preamble_is_still_read(tmp_path):
+    """Older writers omit the 128-byte preamble and DICM marker; a .dcm name is enough to read it."""
+    whole = write_dicom(tmp_path / "a.dcm")
+    ds = pydicom.dcmread(whole)
+    bare = tmp_path / "bare.dcm"
+    ds.preamble = None
+    pydicom.dcmwrite(bare, ds, enforce_file_format=False)
+    assert bare.read_bytes()[128:132] != b"DICM"
+    check_header(bare)
+    np.testing.assert_allclose(read_gray(bare), STORED / 4095, atol=1e-6)

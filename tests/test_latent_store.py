@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from configs import compose
 from datamodules.synthetic import SyntheticCXRDataModule
 from lightning_modules.checkpoints import frozen_fingerprint
-from lightning_modules.latent_store import LatentStore, encode, store_path
+from lightning_modules.latent_store import LatentStore, encode, files_signature, store_path
 from lightning_modules.runs.training import latent_store
 from lightning_modules.vae import load_vae, posterior
 from tests.helpers import SMOKE
@@ -53,6 +53,18 @@ def test_the_folder_changes_with_the_vae_and_the_pixels_only(tiny_vae_dir):
     assert store_path("r", key, data) != store_path("r", key, {**data, "image_size": 32})
     torch.nn.init.zeros_(next(vae.parameters()))  # a retrained VAE
     assert store_path("r", frozen_fingerprint(vae=vae)["vae"], data) != store_path("r", key, data)
+
+
+def test_images_changed_on_disk_make_another_store(tmp_path):
+    from datamodules.csv_folder import CSVDataModule
+    from tests.fixtures_real_data import encode, gray, make_csv_tree, write
+
+    root = make_csv_tree(tmp_path)
+    csv = lambda: CSVDataModule(str(root), image_size=8, split_column="split")  # noqa: E731
+    before = files_signature(csv())
+    assert files_signature(csv()) == before
+    write(root / "p1" / "a.png", encode(gray(30, 30, seed=9)))  # re-exported at the same path
+    assert files_signature(csv()) != before
 
 
 def test_augmentation_and_a_store_are_refused_together(tiny_vae_dir, tmp_path):

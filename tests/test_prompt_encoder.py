@@ -38,6 +38,22 @@ def test_cache_encodes_each_prompt_once_and_matches_uncached(monkeypatch):
     assert torch.allclose(uncached(["nodule"])[0], second[0], atol=1e-6)
 
 
+def test_the_cache_keeps_the_most_recently_used_prompts_only(monkeypatch):
+    """A report per image (MIMIC-CXR) must not fill memory: at most cache_size embeddings, the oldest go first."""
+    encoder = PromptEncoder(OFFLINE_MINILM, max_length=16, cache_size=2)
+    calls = []
+    original = encoder._encode
+    monkeypatch.setattr(encoder, "_encode", lambda prompts: calls.append(list(prompts)) or original(prompts))
+    encoder(["a", "b"])
+    encoder(["a"])  # a is now the most recent
+    encoder(["c"])  # evicts b
+    assert list(encoder._cache) == ["a", "c"]
+    encoder(["b", "a"])
+    assert calls == [["a", "b"], ["c"], ["b"]] and len(encoder._cache) == 2
+    with pytest.raises(ValueError, match="cache_size must be >= 1"):
+        PromptEncoder(OFFLINE_MINILM, cache_size=0)
+
+
 def test_frozen_and_stays_in_eval_mode():
     encoder = PromptEncoder(OFFLINE_MINILM, max_length=16)
     encoder.train()

@@ -37,6 +37,9 @@ def test_an_epochs_order_depends_on_seed_and_epoch_only():
         assert orders[-1] == _indices(again) and sorted(orders[-1]) == list(range(50))
     assert orders[0] != orders[1] != orders[2]
     assert _indices(EpochSampler(data, seed=4)) != orders[0]
+    next_seed = EpochSampler(data, seed=2)  # seed + epoch would make seed 2's epoch 1 seed 3's epoch 0
+    next_seed.set_epoch(1)
+    assert _indices(next_seed) != orders[0]
     assert {epoch for epoch, _ in first} == {2}  # keys carry the epoch
 
 

@@ -17,7 +17,7 @@ from configs import instantiate
 from datamodules.base import CXRDataModule
 from lightning_modules.checkpoints import AtomicCheckpointIO, frozen_fingerprint, newest_readable, read_checkpoint
 from lightning_modules.latent_diffusion import LatentDiffusionModule
-from lightning_modules.latent_store import LatentStore, store_path
+from lightning_modules.latent_store import LatentStore, files_signature, store_path
 from lightning_modules.latent_store import encode as encode_store
 from lightning_modules.runs.cli import log
 from lightning_modules.runs.environment import environment
@@ -77,7 +77,7 @@ def latent_store(cfg: DictConfig, datamodule: CXRDataModule, vae: torch.nn.Modul
             "precomputed latents would train on images never served; turn one of them off"
         )
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    path = store_path(cfg.latent_store.root, frozen_fingerprint(vae=vae)["vae"], data)
+    path = store_path(cfg.latent_store.root, frozen_fingerprint(vae=vae)["vae"], data, files_signature(datamodule))
     if LatentStore.complete(path):
         log.info("latent store %s", path)
         return path
