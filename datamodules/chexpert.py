@@ -32,10 +32,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from datamodules.base import CXRDataModule
-from datamodules.images import BAD_FILE_POLICIES, XRayDataset, build_transform, check_intensity
+from datamodules.files import FileDataModule
+from datamodules.images import XRayDataset, build_transform
 from datamodules.prompts import PROMPT_DIR, PromptBank, compose_report, placeholders
-from datamodules.scan import SCAN_MODES, BadFile, enforce, scan_files
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class FindingsPrompt:
         return compose_report(parts)
 
 
-class CheXpertDataModule(CXRDataModule):
+class CheXpertDataModule(FileDataModule):
     """Frontal CheXpert studies by default; ``scan`` (header check by default) runs in ``setup`` before fit."""
 
     finding_names = FINDINGS
@@ -153,7 +152,9 @@ class CheXpertDataModule(CXRDataModule):
         num_workers: int = 0,
         eval_batch_size: int | None = None,
     ):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
+        super().__init__(
+            image_size, resize, augmentations, on_bad_file, intensity, scan, batch_size, num_workers, eval_batch_size
+        )
         if uncertain not in UNCERTAIN_POLICIES:
             raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
         if ap_pa is not None and not set(ap_pa) <= set(VIEWS):
@@ -163,21 +164,14 @@ class CheXpertDataModule(CXRDataModule):
         if not 0 <= holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
         self.root = self.resolve_root(root)
-        self.image_size, self.resize, self.augmentations = int(image_size), resize, list(augmentations or [])
-        self.has_random_augmentation = bool(self.augmentations)
         self.uncertain, self.frontal_only, self.ap_pa = uncertain, frontal_only, list(ap_pa) if ap_pa else None
         self.valid_csv_as, self.holdout_fraction, self.seed = valid_csv_as, holdout_fraction, seed
-        self.on_bad_file, self.scan_mode, self.random_prompt = on_bad_file, scan, random_prompt
-        self.intensity = check_intensity(intensity)
-        if on_bad_file not in BAD_FILE_POLICIES or scan not in SCAN_MODES:
-            raise ValueError(f"on_bad_file must be in {BAD_FILE_POLICIES} and scan in {SCAN_MODES}")
-        build_transform(image_size, resize, self.augmentations)  # a bad resize/augmentation fails now, not in setup
+        self.random_prompt = random_prompt
         self.bank, self.hedges = PromptBank.load(prompt_bank), load_hedges(prompt_bank)
         unphrased = [f for f in FINDINGS if f not in self.bank.findings]
         if unphrased:
             raise ValueError(f"prompt bank {prompt_bank!r} has no phrasings for {unphrased}")
         self.normal_prompt = target_prompt or self.bank.target
-        self.bad_files: list[BadFile] | None = None
         self._table: pd.DataFrame | None = None
 
     @staticmethod
@@ -217,13 +211,8 @@ class CheXpertDataModule(CXRDataModule):
             self._table = table.reset_index(drop=True)
         return self._table
 
-    def scan(self) -> list[BadFile]:
-        """Check every selected image per ``scan``; apply ``on_bad_file``; return the report."""
-        if self.bad_files is None:
-            bad = scan_files([str(self.root / p) for p in self.table["path"]], self.scan_mode)
-            enforce(bad, self.on_bad_file, f"CheXpert ({self.root})")
-            self.bad_files = bad
-        return self.bad_files
+    def scan_targets(self) -> tuple[list[str], str]:
+        return [str(self.root / p) for p in self.table["path"]], f"CheXpert ({self.root})"
 
     def _labels(self, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """positive (N, K) bool after the policy, hedged (N, K) bool, label_mask (N, K) float."""

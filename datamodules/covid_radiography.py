@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datamodules.base import CXRDataModule
-from datamodules.images import BAD_FILE_POLICIES, IMAGE_SUFFIXES, XRayDataset, build_transform, check_intensity
+from datamodules.files import FileDataModule
+from datamodules.images import IMAGE_SUFFIXES, XRayDataset, build_transform
 from datamodules.prompts import PromptBank
-from datamodules.scan import SCAN_MODES, BadFile, enforce, scan_files
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class ClassPrompt:
         return self.bank.normal_phrase(rng) if cls == "Normal" else self.bank.phrase(cls, rng)
 
 
-class CovidRadiographyDataModule(CXRDataModule):
+class CovidRadiographyDataModule(FileDataModule):
     """Train / val / test from the class folders; ``scan`` runs in ``setup`` so bad files stop or drop before fit.
 
     ``classes`` selects classes (e.g. ``[COVID, Normal]``); ``balanced_sampling`` draws every class equally often
@@ -118,7 +117,9 @@ class CovidRadiographyDataModule(CXRDataModule):
         num_workers: int = 0,
         eval_batch_size: int | None = None,
     ):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
+        super().__init__(
+            image_size, resize, augmentations, on_bad_file, intensity, scan, batch_size, num_workers, eval_batch_size
+        )
         self.classes = tuple(classes) if classes else CLASSES
         unknown = sorted(set(self.classes) - set(CLASSES))
         if unknown:
@@ -126,22 +127,15 @@ class CovidRadiographyDataModule(CXRDataModule):
         if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
             raise ValueError(f"need 0 <= val_fraction, test_fraction, sum < 1; got {val_fraction}, {test_fraction}")
         self.root = self.resolve_root(root, self.classes)
-        self.image_size, self.resize, self.augmentations = int(image_size), resize, list(augmentations or [])
-        self.has_random_augmentation = bool(self.augmentations)
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.split_file = Path(split_file) if split_file else None
         self.balanced_sampling, self.lung_masks = balanced_sampling, lung_masks
-        self.on_bad_file, self.scan_mode, self.random_prompt = on_bad_file, scan, random_prompt
-        self.intensity = check_intensity(intensity)
-        if on_bad_file not in BAD_FILE_POLICIES or scan not in SCAN_MODES:
-            raise ValueError(f"on_bad_file must be in {BAD_FILE_POLICIES} and scan in {SCAN_MODES}")
-        build_transform(image_size, resize, self.augmentations)  # a bad resize/augmentation fails now, not in setup
+        self.random_prompt = random_prompt
         self.bank = PromptBank.load(prompt_bank)
         unphrased = [c for c in self.finding_names if c not in self.bank.findings]
         if unphrased:
             raise ValueError(f"prompt bank {prompt_bank!r} has no phrasings for {unphrased}")
         self.normal_prompt = target_prompt or self.bank.target
-        self.bad_files: list[BadFile] | None = None
         #: class name of every sample, per split (for balanced sampling and per-class reports)
         self.split_classes: dict[str, list[str]] = {}
         self._table: pd.DataFrame | None = None
@@ -264,15 +258,11 @@ class CovidRadiographyDataModule(CXRDataModule):
         return joined.drop(columns=["_key", "_class"]).set_index("path")
 
     # -- scan and datasets -----------------------------------------------------------------------------------------
-    def scan(self) -> list[BadFile]:
-        """Check every selected image (and served mask) per ``scan``; apply ``on_bad_file``; return the report."""
-        if self.bad_files is None:
-            columns = ["path"] + (["lung_mask"] if self.lung_masks else []) + ["lesion_mask"]
-            files = [str(self.root / p) for c in columns for p in _paths(self.table[c]) if p is not None]
-            bad = scan_files(files, self.scan_mode)
-            enforce(bad, self.on_bad_file, f"COVID-19 Radiography ({self.root})")
-            self.bad_files = bad
-        return self.bad_files
+    def scan_targets(self) -> tuple[list[str], str]:
+        """Every selected image and every mask it serves."""
+        columns = ["path"] + (["lung_mask"] if self.lung_masks else []) + ["lesion_mask"]
+        files = [str(self.root / p) for c in columns for p in _paths(self.table[c]) if p is not None]
+        return files, f"COVID-19 Radiography ({self.root})"
 
     def sample_prompts(self) -> list[str]:
         """The normal prompt, then each abnormal class in its first phrasing (the training sample grids)."""

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datamodules.base import CXRDataModule
-from datamodules.images import BAD_FILE_POLICIES, XRayDataset, build_transform, check_intensity
-from datamodules.scan import SCAN_MODES, BadFile, enforce, scan_files
+from datamodules.chexpert import UNCERTAIN_POLICIES
+from datamodules.files import FileDataModule
+from datamodules.images import XRayDataset, build_transform
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ CONVENTIONAL = {
     "patient": ("patient", "patient_id", "subject_id"),
     "split": ("split",),
 }
-UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 LAYOUT = """\
 <root>/                   <- data.root
   labels.csv              <- data.csv (or an absolute path)
@@ -63,7 +62,7 @@ class TextPrompt:
         return self.texts[index] or self.fallback(index, rng)
 
 
-class CSVDataModule(CXRDataModule):
+class CSVDataModule(FileDataModule):
     """Images and labels from one CSV; train / val / test as its split column says, else drawn from ``seed``."""
 
     def __init__(
@@ -90,7 +89,9 @@ class CSVDataModule(CXRDataModule):
         num_workers: int = 0,
         eval_batch_size: int | None = None,
     ):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
+        super().__init__(
+            image_size, resize, augmentations, on_bad_file, intensity, scan, batch_size, num_workers, eval_batch_size
+        )
         if not root:
             raise ValueError(
                 f"data.root is not set (make train ... DATA=csv DATA_ROOT=/path). Expected layout:\n{LAYOUT}"
@@ -102,18 +103,11 @@ class CSVDataModule(CXRDataModule):
             raise ValueError(f"need 0 <= val_fraction, test_fraction, sum < 1; got {val_fraction}, {test_fraction}")
         if uncertain not in UNCERTAIN_POLICIES:
             raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
-        if on_bad_file not in BAD_FILE_POLICIES or scan not in SCAN_MODES:
-            raise ValueError(f"on_bad_file must be in {BAD_FILE_POLICIES} and scan in {SCAN_MODES}")
         self.csv_path = Path(csv) if Path(csv).is_absolute() else self.root / csv
         self.columns = {"path": path_column, "prompt": prompt_column, "patient": patient_column, "split": split_column}
         self.val_fraction, self.test_fraction, self.seed, self.uncertain = val_fraction, test_fraction, seed, uncertain
-        self.image_size, self.resize, self.augmentations = int(image_size), resize, list(augmentations or [])
-        self.has_random_augmentation = bool(self.augmentations)
-        self.on_bad_file, self.scan_mode, self.intensity = on_bad_file, scan, check_intensity(intensity)
-        build_transform(image_size, resize, self.augmentations)  # a bad resize/augmentation fails now, not in setup
         self.normal_prompt = normal_prompt
         self.table = self._read(label_columns)
-        self.bad_files: list[BadFile] | None = None
 
     # -- the CSV -----------------------------------------------------------------------------------------------------
     def _read(self, label_columns: Sequence[str] | None) -> pd.DataFrame:
@@ -181,12 +175,8 @@ class CSVDataModule(CXRDataModule):
     def _file(self, path: str) -> Path:
         return Path(path) if Path(path).is_absolute() else self.root / path
 
-    def scan(self) -> list[BadFile]:
-        if self.bad_files is None:
-            bad = scan_files([str(self._file(p)) for p in self.table["_path"]], self.scan_mode)
-            enforce(bad, self.on_bad_file, f"CSV dataset ({self.csv_path})")
-            self.bad_files = bad
-        return self.bad_files
+    def scan_targets(self) -> tuple[list[str], str]:
+        return [str(self._file(p)) for p in self.table["_path"]], f"CSV dataset ({self.csv_path})"
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

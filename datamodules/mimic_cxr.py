@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from datamodules.base import CXRDataModule
-from datamodules.chexpert import FINDINGS
-from datamodules.csv_folder import UNCERTAIN_POLICIES, LabelPrompt, TextPrompt, check_fit_splits, label_arrays
-from datamodules.images import BAD_FILE_POLICIES, XRayDataset, build_transform, check_intensity
-from datamodules.scan import SCAN_MODES, BadFile, enforce, scan_files
+from datamodules.chexpert import FINDINGS, UNCERTAIN_POLICIES
+from datamodules.csv_folder import LabelPrompt, TextPrompt, check_fit_splits, label_arrays
+from datamodules.files import FileDataModule
+from datamodules.images import XRayDataset, build_transform
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def study_folder(subject: str, study: str) -> str:
     return f"files/p{subject[:2]}/p{subject}/s{study}"
 
 
-class MimicCXRDataModule(CXRDataModule):
+class MimicCXRDataModule(FileDataModule):
     """Frontal MIMIC-CXR-JPG images with report prompts, the official split and CheXpert-labeller labels."""
 
     finding_names = FINDINGS
@@ -85,7 +84,9 @@ class MimicCXRDataModule(CXRDataModule):
         num_workers: int = 0,
         eval_batch_size: int | None = None,
     ):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
+        super().__init__(
+            image_size, resize, augmentations, on_bad_file, intensity, scan, batch_size, num_workers, eval_batch_size
+        )
         if not root:
             raise ValueError(f"data.root is not set (make train DATA=mimic_cxr DATA_ROOT=/path). Expected:\n{LAYOUT}")
         self.root = Path(root).expanduser()
@@ -98,17 +99,10 @@ class MimicCXRDataModule(CXRDataModule):
             raise ValueError(f"sections must be a non-empty subset of {list(SECTIONS)}, got {list(sections)}")
         if uncertain not in UNCERTAIN_POLICIES:
             raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
-        if on_bad_file not in BAD_FILE_POLICIES or scan not in SCAN_MODES:
-            raise ValueError(f"on_bad_file must be in {BAD_FILE_POLICIES} and scan in {SCAN_MODES}")
         self.sections, self.views, self.uncertain = tuple(sections), tuple(views) if views else None, uncertain
         self.max_prompt_tokens, self.tokenizer = max_prompt_tokens, tokenizer
-        self.image_size, self.resize, self.augmentations = int(image_size), resize, list(augmentations or [])
-        self.has_random_augmentation = bool(self.augmentations)
-        self.on_bad_file, self.scan_mode, self.intensity = on_bad_file, scan, check_intensity(intensity)
-        build_transform(image_size, resize, self.augmentations)
         self.normal_prompt = normal_prompt
         self.table = self._read()
-        self.bad_files: list[BadFile] | None = None
 
     # -- the official CSVs -------------------------------------------------------------------------------------------
     def _csv(self, kind: str) -> pd.DataFrame:
@@ -192,12 +186,8 @@ class MimicCXRDataModule(CXRDataModule):
         return out
 
     # -- scan and datasets -------------------------------------------------------------------------------------------
-    def scan(self) -> list[BadFile]:
-        if self.bad_files is None:
-            bad = scan_files([str(self.root / p) for p in self.table["path"]], self.scan_mode)
-            enforce(bad, self.on_bad_file, f"MIMIC-CXR-JPG ({self.root})")
-            self.bad_files = bad
-        return self.bad_files
+    def scan_targets(self) -> tuple[list[str], str]:
+        return [str(self.root / p) for p in self.table["path"]], f"MIMIC-CXR-JPG ({self.root})"
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

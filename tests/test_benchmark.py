@@ -134,8 +134,9 @@ def test_the_store_memory_lines_are_growths_per_image_and_their_projection(quick
         assert math.isclose(memory["bytes_per_image"][kind], per_image)
         assert math.isclose(memory["projected_chexpert_bytes"][kind], per_image * 224_316)
     latent_bytes = 2 * 4 * math.prod(memory["latent_shape"])  # mean and std, float32
-    assert memory["bytes_per_image"]["cache"] > 0.9 * latent_bytes  # the cache holds every latent in the rank memory
-    assert memory["bytes_per_image"]["store"] < latent_bytes / 4  # the store holds an index entry, not the latent
+    # the cache holds every latent in the rank's memory, the store an index entry; RssAnon growth is noisy (the heap
+    # reuses what earlier lines freed), so the test asks for the difference, not the exact sizes
+    assert memory["bytes_per_image"]["cache"] > latent_bytes / 2 > 4 * memory["bytes_per_image"]["store"]
     assert "latent store / from 256 px PNG files" in markdown
 
 
