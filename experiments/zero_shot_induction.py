@@ -10,7 +10,8 @@ guidance: the checkpoint's). Every argument is checked, and every region built, 
 ``output_dir``: ``induced/<id>_seed<k>.png``, ``difference/<id>_seed<k>.npy`` (signed, induced minus original, in
 grey levels of [0, 1]), ``panels/<id>.png`` (original | region | induced | difference, one row per seed) and
 ``metrics.json`` (means over inputs and seeds, the prompt, region and settings used, then every input and seed).
-The run itself is ``lightning_modules/runs/induction.py``.
+``devices=N`` (``make induce GPUS=N``) spreads the inductions over N processes with the same outputs; the same command
+on the same ``output_dir`` resumes an interrupted run. The run itself is ``lightning_modules/runs/induction.py``.
 """
 
 from __future__ import annotations
@@ -20,45 +21,53 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
-from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.runs import induction
 from lightning_modules.runs.cli import load_config, run
+from lightning_modules.runs.units import RUNTIME_KEYS, Parts, claim_output, run_units, trainer_args
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = load_config("induction", argv)
+    out = Path(cfg.output_dir)
     try:
+        trainer_args(cfg)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
         request = induction.prepare(cfg)
+        claim_output(cfg, out)  # a folder holding another run is refused; this run's own is resumed
     except ValueError as err:  # RegionError included
         raise SystemExit(f"induction: {err}") from None
-    inputs = request.inputs
+    inputs, parts = request.inputs, Parts(out)
+    if (out / "metrics.json").is_file() and not parts.done():
+        print(f"{out} already holds this run's results (delete it to run again)")
+        return json.loads((out / "metrics.json").read_text())
     print(f"inducing '{request.prompt}' in {len(inputs.ids)} image(s) x {len(cfg.seeds)} seed(s)")
 
     start = time.perf_counter()
-    pipeline = LatentDiffusionPipeline.from_checkpoint(
-        cfg.checkpoint, cfg.device, cfg.use_ema, compile=cfg.compile, allow_frozen_mismatch=cfg.allow_frozen_mismatch
-    )
-    probability = induction.finding_probability(cfg.classifier_checkpoint, cfg.finding, cfg.device)
-    inductions = induction.induce_all(pipeline, request, cfg.seeds, cfg.batch_size, probability)
+    units = induction.plan(len(inputs.ids), cfg.seeds, cfg.batch_size)
+    task = induction.InductionTask(cfg, request, units)
+    if not run_units(task, cfg, parts, lambda result: induction.write_unit(out, inputs, result)):
+        return {}  # another rank: rank zero merges
+    records = induction.merge(parts.load(len(units)))
     elapsed = time.perf_counter() - start
-
-    out = Path(cfg.output_dir)
-    induction.write_outputs(out, inputs, inductions)
-    summary = induction.summarize(inductions)
+    induction.write_panels(out, inputs, records)
+    summary = induction.summarize(records)
     metrics = {
         **summary,
         "prompt": request.prompt,
         "region": asdict(request.region),
         "settings": request.settings.asdict(),
         "seconds": round(elapsed, 1),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "per_sample": [{"id": inputs.ids[d.index], "seed": d.seed, **d.scores} for d in inductions],
+        "config": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in RUNTIME_KEYS},
+        "per_sample": [{"id": inputs.ids[r["index"]], "seed": r["seed"], **r["scores"]} for r in records],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    parts.clear()
     print(json.dumps(summary, indent=2))
-    print(f"{len(inductions)} inductions in {elapsed:.1f}s (models loaded) -> {out}")
+    print(f"{len(records)} inductions in {elapsed:.1f}s (models loaded) -> {out}")
     return metrics
 
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
+from lightning_modules.metric_state import export_state, merge_state
+
+SCORES = ("validity", "minimality", "twin_distance")
+
 
 class CounterfactualScores:
     """Validity, minimality and distance to the true healthy twin of one method's counterfactuals."""
@@ -38,14 +42,14 @@ class CounterfactualScores:
         if healthy01 is not None:
             self.twin_distance.update((counterfactuals01 - healthy01).abs().flatten(1).mean(1).cpu()[abnormal])
 
+    def state(self) -> dict:
+        return {name: export_state(getattr(self, name)) for name in SCORES}
+
+    def merge(self, state: dict) -> None:
+        """Add another instance's ``state()``."""
+        for name in SCORES:
+            merge_state(getattr(self, name), state[name])
+
     def compute(self) -> dict[str, float]:
         """The scores that received data (a MeanMetric that saw nothing is left out, never reported as 0)."""
-        return {
-            name: float(metric.compute())
-            for name, metric in (
-                ("validity", self.validity),
-                ("minimality", self.minimality),
-                ("twin_distance", self.twin_distance),
-            )
-            if metric.update_count
-        }
+        return {name: float(getattr(self, name).compute()) for name in SCORES if getattr(self, name).update_count}

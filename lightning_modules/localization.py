@@ -22,6 +22,8 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryPrecisionRecallCurve
 
+from lightning_modules.metric_state import export_state, merge_state
+
 OVERALL = "overall"
 IGNORE = -1
 
@@ -41,7 +43,7 @@ def pixel_metrics(thresholds: int | None = None) -> MetricCollection:
 def best_dice(precision: torch.Tensor, recall: torch.Tensor, thresholds: torch.Tensor) -> tuple[float, float]:
     """Maximum pooled Dice (= F1) along a precision-recall curve, and the threshold reaching it."""
     thresholds = thresholds.reshape(-1)  # a constant map gives one threshold as a 0-d tensor
-    dice = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    dice = (2 * precision * recall / (precision + recall).clamp(min=1e-12)).nan_to_num(0.0)  # binned: 0/0 above all
     best = int(dice[: len(thresholds)].argmax())  # the curve's last point (P=1, R=0) has no threshold
     return float(dice[best]), float(thresholds[best])
 
@@ -84,6 +86,25 @@ class LocalizationScores:
     def _add(self, method: str, group: str, maps: torch.Tensor, target: torch.Tensor) -> None:
         self.metrics[method][group].update(maps.flatten(), target.flatten())
         self.images[method][group] += maps.shape[0]
+
+    def state(self) -> dict:
+        """{method: {group: {images, state}}} of the groups that saw images: ``merge`` adds it to other scores."""
+        return {
+            method: {
+                group: {"images": self.images[method][group], "state": export_state(next(iter(metrics.values())))}
+                for group, metrics in groups.items()
+                if self.images[method][group]
+            }
+            for method, groups in self.metrics.items()
+        }
+
+    def merge(self, state: dict) -> None:
+        """Add another instance's ``state()`` (the three metrics of a group share one state: each gets it)."""
+        for method, groups in state.items():
+            for group, entry in groups.items():
+                for metric in self.metrics[method][group].values():
+                    merge_state(metric, entry["state"])
+                self.images[method][group] += entry["images"]
 
     def compute(self) -> dict[str, dict[str, dict[str, float]]]:
         """{method: {group: {auprc, auroc, dice, threshold, images}}}; groups without images are left out."""

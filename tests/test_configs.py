@@ -376,3 +376,35 @@ def test_make_train_on_gpus_trains_the_gpu_model_unless_told_otherwise(variables
             command, cwd=CONFIG_DIR.parent, capture_output=True, text=True, check=True
         ).stdout.split()
         assert [w for w in words if w.startswith("model=")] == ([model] if model else [])
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ([], ["device=cpu", "devices=1"]),
+        (["GPUS=4"], ["device=cuda", "devices=4"]),
+        (
+            ["GPUS=2", "ACCELERATOR=cpu", "DATA=csv", "DATA_ROOT=/data/my films"],
+            ["device=cpu", "devices=2", "data=csv"],
+        ),
+    ],
+)
+def test_make_attribute_and_induce_spread_over_the_devices_asked_for(variables, expected):
+    """The arguments make passes are valid overrides of the scripts' configs, with the device settings asked for."""
+    import shlex
+    import subprocess
+
+    for target, config in (("attribute", "attribution"), ("induce", "induction")):
+        line = subprocess.run(
+            ["make", "-n", target, *variables, "STAMP=/dev/null"],
+            cwd=CONFIG_DIR.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        overrides = shlex.split(line.splitlines()[-1])[2:]
+        assert set(expected) <= set(overrides)
+        cfg = compose(config, overrides)
+        assert cfg.devices == int(expected[1].split("=")[1])
+        if "DATA_ROOT=/data/my films" in variables:
+            assert cfg.data.root == "/data/my films"

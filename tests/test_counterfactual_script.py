@@ -120,11 +120,11 @@ def undecodable_png(seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def folder_runs(checkpoints, folder, tmp_path_factory) -> list[tuple[Path, dict]]:
     """The folder through our methods and DiffEdit (the stochastic ones), then with the same seed a copy of it whose
-    first batch (batch_size=2) holds two files that pass the header scan but fail to decode."""
+    last batch (batch_size=2) holds two files that pass the header scan but fail to decode."""
     copy = tmp_path_factory.mktemp("films_copy") / "films"
     shutil.copytree(folder, copy)
     for k in (1, 2):
-        write(copy / f"a_bad{k}.png", undecodable_png(k))
+        write(copy / f"z_bad{k}.png", undecodable_png(k))
     outs = [tmp_path_factory.mktemp(f"folder{k}") for k in range(2)]
     return [
         (out, run(checkpoints, out, f"input={path}", "methods=[sdedit,inversion,diffedit]"))
@@ -145,8 +145,8 @@ def test_folder_with_a_corrupt_file_and_a_16_bit_rgba_png(folder_runs):
     assert len(result["skipped"]) == 2
 
 
-def test_same_seed_same_bytes_and_an_unreadable_batch_takes_no_seed(folder_runs):
-    """Batch seeds count the batches that hold images: two more files that fail to decode change nothing else."""
+def test_same_seed_same_bytes_and_an_unreadable_batch_changes_no_other(folder_runs):
+    """A batch's seed is its number in the run: a batch of two files that fail to decode changes nothing else."""
     (first, _), (second, result) = folder_runs
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file() and p.name != "config.yaml")
     assert len(files) == 2 + 2 * 3 + 2 * 2 + 2 * 2  # CSVs, maps, counterfactuals, overlays
@@ -159,7 +159,7 @@ def test_same_seed_same_bytes_and_an_unreadable_batch_takes_no_seed(folder_runs)
     ]
     skipped = [Path(r["path"]).name for r in csv.DictReader(open(second / "skipped.csv"))]
     assert sorted(skipped[:2]) == ["notes.png", "truncated.jpg"]  # the header scan's, then the decoder's
-    assert skipped[2:] == ["a_bad1.png", "a_bad2.png"] and len(result["skipped"]) == 4
+    assert skipped[2:] == ["z_bad1.png", "z_bad2.png"] and len(result["skipped"]) == 4
 
 
 @pytest.fixture
@@ -202,7 +202,7 @@ def test_bad_requests_fail_before_any_model_is_loaded(fake_checkpoint, monkeypat
     assert str(exit_info.value).startswith("attribution: ")
 
 
-def test_a_good_request_reaches_the_model(fake_checkpoint, monkeypatch):
+def test_a_good_request_reaches_the_model(fake_checkpoint, monkeypatch, tmp_path):
     """The counterpart of the above: the same fake checkpoint, no bad value, and the run goes on to load the model."""
 
     class Loaded(Exception):
@@ -216,6 +216,7 @@ def test_a_good_request_reaches_the_model(fake_checkpoint, monkeypatch):
         counterfactual_attribution.main(
             [
                 f"checkpoint={fake_checkpoint}",
+                f"output_dir={tmp_path / 'out'}",
                 "sdedit.num_inference_steps=10",
                 "num_images=1",
                 "data.num_test=2",

@@ -2,8 +2,10 @@
 images, the maps and counterfactuals written per image, scored against lesion masks when the data has them.
 
 In order: ``check_config`` (the run's own keys) and ``build_methods`` (each method's settings, ``methods/``) before
-anything loads; ``load_inputs`` (data: unreadable inputs and missing roots fail here) and ``load_models``; then
-``process`` (scoring loop) with ``summarize`` + ``markdown``, or ``tune`` (grid search on the validation split).
+anything loads; ``load_inputs`` (data: unreadable inputs and missing roots fail here) and ``plan`` (the units); then
+``AttributionTask`` on every device (``runs/units.py``: each unit once, committed as it finishes, so a killed run
+resumes) and ``merge`` with ``summarize`` + ``markdown``; or ``tune`` (grid search on the validation split, one
+process).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -30,8 +33,10 @@ from lightning_modules.classifier import FindingClassifier
 from lightning_modules.counterfactual_scores import CounterfactualScores
 from lightning_modules.localization import OVERALL, LocalizationScores
 from lightning_modules.methods import METHODS, Method, Models, build
+from lightning_modules.metric_state import export_state, merge_state
 from lightning_modules.overlays import save_array, save_gray_png, save_overlay
 from lightning_modules.pipeline import LatentDiffusionPipeline
+from lightning_modules.runs.units import Parts, UnitSampler, plan_units
 from lightning_modules.settings import SamplingSettings
 
 SCORED_KINDS = ("positive", "absolute")  # a signed map cannot be ranked as "lesion here"
@@ -109,18 +114,15 @@ def load_inputs(cfg: DictConfig, image_size: int, methods: dict[str, Method]) ->
     return Inputs(dataset, datamodule, finding_names, notes)
 
 
-def run_batches(cfg: DictConfig, inputs: Inputs) -> tuple[Iterator[dict], int]:
-    """The batches of the run and how many images they hold: ``num_images`` spread evenly over a split (every class
-    its share in class-ordered datasets), the first ``num_images`` of a folder."""
+def plan(cfg: DictConfig, inputs: Inputs) -> list[list[int]]:
+    """The run's units (batches of dataset indices): ``num_images`` spread evenly over a split (every class its share
+    in class-ordered datasets), the first ``num_images`` of a folder."""
     dataset = inputs.dataset
     if isinstance(dataset, ImageFolder):
-        count = len(dataset) if cfg.num_images is None else min(cfg.num_images, len(dataset))
-        loader = DataLoader(
-            Subset(dataset, range(count)), batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_readable
-        )
-        return iter(loader), count
-    indices = spread_indices(len(dataset), cfg.num_images)
-    return dataset_batches(dataset, indices, cfg.batch_size, inputs.datamodule.num_workers), len(indices)
+        indices = list(range(len(dataset) if cfg.num_images is None else min(cfg.num_images, len(dataset))))
+    else:
+        indices = spread_indices(len(dataset), cfg.num_images)
+    return plan_units(indices, cfg.batch_size)
 
 
 def dataset_batches(dataset: Dataset, indices: list[int], batch_size: int, num_workers: int) -> Iterator[dict]:
@@ -156,27 +158,32 @@ def select(batch: dict, rows: torch.Tensor) -> dict:
 
 
 # 3. models --------------------------------------------------------------------------------------------------------
-def load_classifier(cfg: DictConfig, notes: list[str]) -> FindingClassifier | None:
-    """The judge of validity and the saliency baseline; without its checkpoint both are skipped, and said so."""
-    path = cfg.classifier_checkpoint
-    if path is None or not Path(path).is_file():
-        notes.append(
-            f"no classifier checkpoint ({path}; train one with experiments/train_classifier.py): "
-            "saliency baseline and validity skipped"
-        )
-        return None
-    return FindingClassifier.from_checkpoint(path, map_location=cfg.device).eval()
+def has_classifier(cfg: DictConfig) -> bool:
+    return cfg.classifier_checkpoint is not None and Path(cfg.classifier_checkpoint).is_file()
 
 
-def load_models(cfg: DictConfig, methods: dict[str, Method], inputs: Inputs) -> Models:
-    """The pipeline, the classifier (not when tuning) and what the methods need; each method is prepared. Methods
-    that need the classifier are dropped from ``methods`` when there is none (the note says so)."""
-    pipeline = LatentDiffusionPipeline.from_checkpoint(
-        cfg.checkpoint, cfg.device, compile=cfg.compile, allow_frozen_mismatch=cfg.allow_frozen_mismatch
+def drop_unavailable(cfg: DictConfig, methods: dict[str, Method], notes: list[str]) -> None:
+    """Without the classifier checkpoint, validity and the methods that need it are skipped, and said so."""
+    if has_classifier(cfg) or cfg.tune.enabled:
+        return
+    notes.append(
+        f"no classifier checkpoint ({cfg.classifier_checkpoint}; train one with experiments/train_classifier.py): "
+        "saliency baseline and validity skipped"
     )
-    models = Models(pipeline, None if cfg.tune.enabled else load_classifier(cfg, inputs.notes))
-    for name in [n for n, m in methods.items() if m.needs_classifier and models.classifier is None]:
+    for name in [n for n, m in methods.items() if m.needs_classifier]:
         del methods[name]
+
+
+def load_models(cfg: DictConfig, methods: dict[str, Method], inputs: Inputs, device: str | torch.device) -> Models:
+    """The pipeline on ``device``, the classifier (when there is one; not when tuning) and what the methods need;
+    each method is prepared."""
+    pipeline = LatentDiffusionPipeline.from_checkpoint(
+        cfg.checkpoint, device, compile=cfg.compile, allow_frozen_mismatch=cfg.allow_frozen_mismatch
+    )
+    classifier = None
+    if has_classifier(cfg) and not cfg.tune.enabled:
+        classifier = FindingClassifier.from_checkpoint(cfg.classifier_checkpoint, map_location=device).eval()
+    models = Models(pipeline, classifier)
     if cfg.tune.enabled:
         return models
     if any(m.needs_train_split for m in methods.values()):
@@ -221,42 +228,59 @@ def abnormal_probability(models: Models, images: torch.Tensor) -> torch.Tensor |
         return models.classifier.abnormal_probability(images.to(models.pipeline.device)).detach().cpu()
 
 
-# 5. the run -------------------------------------------------------------------------------------------------------
-def process(
-    cfg: DictConfig, models: Models, methods: dict[str, Method], inputs: Inputs, out: Path
-) -> tuple[list[dict], dict]:
-    """Every method on every batch: files written; the CSV rows and the accumulated scores returned, with
-    ``skipped``: (path, reason) of every input file that could not be read."""
-    names, finding_names, dataset = list(methods), inputs.finding_names, inputs.dataset
-    skipped = list(dataset.skipped) if isinstance(dataset, ImageFolder) else []
-    batches, total = run_batches(cfg, inputs)
-    localization = LocalizationScores(names, finding_names, cfg.metrics.thresholds)
-    counterfactual_scores = {n: CounterfactualScores() for n, m in methods.items() if m.counterfactual}
-    rows, labelled, counts = [], False, {"images": 0, "abnormal": 0, "scored": 0}
-    sensitivity = MeanMetric()  # abnormal inputs the classifier calls abnormal: what validity is measured against
-    latent_error = MeanMetric()  # the reconstruction baseline's round trip, healthy and abnormal inputs alike
-    b = 0  # batches with images: a batch whose files all failed to decode takes no seed
-    for batch in tqdm(
-        batches, total=-(-total // cfg.batch_size), desc="attribution", unit="batch", disable=not cfg.progress
-    ):
-        skipped += batch.pop("skipped", [])
-        if not batch["id"]:
-            continue
+# 5. the run: its units on every device, then merged -------------------------------------------------------------
+class AttributionTask(L.LightningModule):
+    """Every method on one unit per ``predict_step``: its outputs (written by ``write_unit``) and its part of the
+    results (CSV rows and metric states, merged by ``merge``). Each rank loads the models on its own device."""
+
+    def __init__(self, cfg: DictConfig, methods: dict[str, Method], inputs: Inputs, units: list[list[int]]):
+        super().__init__()
+        self.cfg, self.methods, self.inputs, self.units = cfg, methods, inputs, units
+        self.parts = Parts(Path(cfg.output_dir))
+
+    def setup(self, stage: str) -> None:
+        self.models = load_models(self.cfg, self.methods, self.inputs, self.trainer.strategy.root_device)
+
+    def predict_dataloader(self) -> DataLoader:
+        self.pending = self.parts.pending(len(self.units), self.trainer.global_rank, self.trainer.world_size)
+        folder = isinstance(self.inputs.dataset, ImageFolder)
+        return DataLoader(
+            self.inputs.dataset,
+            batch_sampler=UnitSampler(self.units, self.pending),
+            collate_fn=collate_readable if folder else None,
+            num_workers=0 if folder else self.inputs.datamodule.num_workers,
+        )
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        return batch  # the methods move the images; masks and labels are scored on the CPU
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        unit = self.pending[batch_idx]
+        cfg, models, names, dataset = self.cfg, self.models, self.inputs.finding_names, self.inputs.dataset
+        skipped = batch.pop("skipped", [])
+        localization = LocalizationScores(list(self.methods), names, cfg.metrics.thresholds)
+        counterfactual = {n: CounterfactualScores() for n, m in self.methods.items() if m.counterfactual}
+        sensitivity, latent_error = MeanMetric(), MeanMetric()
+        result = {"unit": unit, "ids": batch["id"], "prompts": batch.get("prompt"), "outputs": {}}
+        if not batch["id"]:  # every file of the unit failed to decode
+            result["part"] = {"rows": [], "skipped": skipped, "labelled": False}
+            return result
+        if not isinstance(dataset, ImageFolder):
+            batch["index"] = self.units[unit]
         images, ids = batch["image"], batch["id"]
         images01 = to_unit_range(images)
         scored = scored_rows(batch)
-        labelled = labelled or "label" in batch
         abnormal = batch["label"].bool().any(1) if "label" in batch else None
-        per_type = finding_masks(dataset, batch, finding_names) if scored.any() else None
+        per_type = finding_masks(dataset, batch, names) if scored.any() else None
         p_input = abnormal_probability(models, images)
         if p_input is not None and abnormal is not None and abnormal.any():
             sensitivity.update((p_input[abnormal] >= cfg.metrics.abnormal_threshold).float())
-        batch_rows = [base_row(batch, i, finding_names, bool(scored[i]), p_input) for i in range(len(ids))]
-        counts["images"] += len(ids)
-        counts["abnormal"] += int(abnormal.sum()) if abnormal is not None else 0
-        counts["scored"] += int(scored.sum())
-        for name, method in methods.items():
-            output = attribute(method, images, models, cfg.seed + b, cfg.map.kind, cfg.map.sigma, batch.get("prompt"))
+        rows = [base_row(batch, i, names, bool(scored[i]), p_input) for i in range(len(ids))]
+        for name, method in self.methods.items():
+            output = attribute(
+                method, images, models, cfg.seed + unit, cfg.map.kind, cfg.map.sigma, batch.get("prompt")
+            )
+            result["outputs"][name] = output
             scores01 = normalize_per_image(output.map)
             if output.latent_error is not None:
                 latent_error.update(output.latent_error)
@@ -264,7 +288,7 @@ def process(
             if output.counterfactual01 is not None:
                 p_cf = abnormal_probability(models, to_model_range(output.counterfactual01))
                 if abnormal is not None:
-                    counterfactual_scores[name].update(
+                    counterfactual[name].update(
                         images01,
                         output.counterfactual01,
                         abnormal,
@@ -280,23 +304,61 @@ def process(
                     batch["label"][scored],
                     per_type[scored] if per_type is not None else None,
                 )
-            write_outputs(out, name, ids, images01, output, cfg, batch.get("prompt"))
-            for i, row in enumerate(batch_rows):  # every row gets every column (empty when n/a): stable order
+            for i, row in enumerate(rows):  # every row gets every column (empty when n/a): stable order
                 row[f"{name}_map_mean"] = round(float(output.map[i].mean()), 6)
                 row[f"{name}_map_max"] = round(float(output.map[i].max()), 6)
                 if output.counterfactual01 is not None:
                     row[f"{name}_change"] = round(float((images01[i] - output.counterfactual01[i]).abs().mean()), 6)
                     row[f"{name}_p_abnormal"] = None if p_cf is None else round(float(p_cf[i]), 6)
                 if "mask" in batch:
-                    row[f"{name}_auprc"] = (
-                        round(
-                            float(binary_average_precision(scores01[i].flatten(), batch["mask"][i].flatten().long())), 6
-                        )
-                        if scored[i]
-                        else None
-                    )
-        rows.extend(batch_rows)
-        b += 1
+                    auprc = binary_average_precision(scores01[i].flatten(), batch["mask"][i].flatten().long())
+                    row[f"{name}_auprc"] = round(float(auprc), 6) if scored[i] else None
+        result["images01"] = images01
+        result["part"] = {
+            "rows": rows,
+            "skipped": skipped,
+            "labelled": "label" in batch,
+            "counts": {
+                "images": len(ids),
+                "abnormal": int(abnormal.sum()) if abnormal is not None else 0,
+                "scored": int(scored.sum()),
+            },
+            "localization": localization.state(),
+            "counterfactual": {n: s.state() for n, s in counterfactual.items()},
+            "sensitivity": export_state(sensitivity),
+            "latent_error": export_state(latent_error),
+        }
+        return result
+
+
+def write_unit(cfg: DictConfig, result: dict) -> None:
+    """A unit's files: every method's map, counterfactual and overlay per image."""
+    for name, output in result["outputs"].items():
+        write_outputs(Path(cfg.output_dir), name, result["ids"], result["images01"], output, cfg, result["prompts"])
+
+
+def merge(cfg: DictConfig, methods: dict[str, Method], inputs: Inputs, parts: Iterator[dict]) -> tuple[list, dict]:
+    """The committed parts, in unit order, as one run: the CSV rows and the scores; ``skipped``: (path, reason) of
+    every input file that could not be read (the folder scan's, then the decoder's)."""
+    skipped = list(inputs.dataset.skipped) if isinstance(inputs.dataset, ImageFolder) else []
+    localization = LocalizationScores(list(methods), inputs.finding_names, cfg.metrics.thresholds)
+    counterfactual = {n: CounterfactualScores() for n, m in methods.items() if m.counterfactual}
+    sensitivity = MeanMetric()  # abnormal inputs the classifier calls abnormal: what validity is measured against
+    latent_error = MeanMetric()  # the reconstruction baseline's round trip, healthy and abnormal inputs alike
+    rows, labelled, counts = [], False, {"images": 0, "abnormal": 0, "scored": 0}
+    for part in parts:
+        rows += part["rows"]
+        skipped += [tuple(s) for s in part["skipped"]]
+        if not part["rows"]:
+            continue
+        labelled = labelled or part["labelled"]
+        for key, value in part["counts"].items():
+            counts[key] += value
+        localization.merge(part["localization"])
+        for name, state in part["counterfactual"].items():
+            counterfactual[name].merge(state)
+        merge_state(sensitivity, part["sensitivity"])
+        merge_state(latent_error, part["latent_error"])
     if sensitivity.update_count:
         counts["classifier_sensitivity"] = float(sensitivity.compute())
     if latent_error.update_count:
@@ -305,7 +367,7 @@ def process(
         "counts": counts,
         "labelled": labelled,
         "localization": localization.compute(),
-        "counterfactual": {n: s.compute() for n, s in counterfactual_scores.items()},
+        "counterfactual": {n: s.compute() for n, s in counterfactual.items()},
         "skipped": skipped,
     }
     return rows, results

@@ -2,22 +2,26 @@
 region of normal images and score how well it stayed there.
 
 1. ``prepare``: check every argument, build the settings, the region, the prompt and the inputs; no model yet.
-2. ``induce_all``: one induction per input and seed, scored (``SCORES``).
-3. ``write_outputs`` (images, signed differences, panels) and ``summarize`` (the means of metrics.json).
+2. ``InductionTask``: one induction per input and seed, scored (``SCORES``), a unit (a seed and a batch of inputs)
+   per ``predict_step`` on every device (``runs/units.py``: each unit once, committed, resumable); ``write_unit``
+   writes its images and signed differences.
+3. ``merge``: the records in unit order, then ``write_panels`` and ``summarize`` (the means of metrics.json).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from configs import instantiate
 from datamodules.base import CXRDataModule, to_unit_range
@@ -27,6 +31,7 @@ from lightning_modules.overlays import save_array, save_gray_png
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.regions import RegionError, RegionSpec, inside_fraction, ssim_outside
 from lightning_modules.runs.cli import checkpoint_sampling, log
+from lightning_modules.runs.units import Parts, plan_units
 from lightning_modules.settings import InductionSettings
 
 #: means reported in metrics.json. The first four score the output; the ``edit_`` ones the latent blend alone (the
@@ -181,47 +186,84 @@ def finding_probability(
     return lambda images: classifier.probabilities(images.to(device))[:, column].cpu()
 
 
-@dataclass
-class Induction:
-    index: int  # into Inputs
-    seed: int
-    image: torch.Tensor  # (1, H, W) in [-1, 1]
-    scores: dict[str, float | None]
+def plan(num_inputs: int, seeds: Sequence[int], batch_size: int) -> list[tuple[int, list[int]]]:
+    """The run's units: (seed, input indices), seed by seed, in batches."""
+    return [(seed, indices) for seed in seeds for indices in plan_units(list(range(num_inputs)), batch_size)]
 
 
-def induce_all(
+def induce(
     pipeline: LatentDiffusionPipeline,
     request: Request,
-    seeds: Sequence[int],
-    batch_size: int,
+    seed: int,
+    indices: list[int],
     probability: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> list[Induction]:
-    """One induction per input and seed, in batches; each (seed, batch) draws from its own
-    ``torch.Generator("cpu").manual_seed(seed)``."""
-    inputs, done = request.inputs, []
-    for seed in seeds:
-        for lo in range(0, len(inputs.ids), batch_size):
-            images, regions = inputs.images[lo : lo + batch_size], inputs.regions[lo : lo + batch_size]
-            result = pipeline.induce(
-                images, regions.float(), request.prompt, request.settings, torch.Generator("cpu").manual_seed(seed)
-            )
-            induced, decoded, round_trip = result.images.cpu(), result.decoded.cpu(), result.round_trip.cpu()
-            scores = {
-                "inside_fraction": inside_fraction(result.difference.cpu(), regions),
-                "ssim_outside": ssim_outside(induced, images, regions),
-                "edit_inside_fraction": inside_fraction(decoded - round_trip, regions),
-                "edit_ssim_outside": ssim_outside(decoded, round_trip, regions),
-                "round_trip_ssim_outside": ssim_outside(round_trip, images, regions),
-            }
-            if probability is not None:
-                scores["classifier_prob_before"], scores["classifier_prob_after"] = probability(
-                    torch.cat([images, induced])
-                ).chunk(2)
-            done += [
-                Induction(lo + k, seed, induced[k], {key: float(v[k]) for key, v in scores.items()})
-                for k in range(len(images))
-            ]
-    return done
+) -> tuple[torch.Tensor, list[dict]]:
+    """One unit: the inputs at ``indices`` induced from ``torch.Generator("cpu").manual_seed(seed)``; returns the
+    induced images (B, 1, H, W) in [-1, 1] and one record {index, seed, scores} per input."""
+    images, regions = request.inputs.images[indices], request.inputs.regions[indices]
+    result = pipeline.induce(
+        images, regions.float(), request.prompt, request.settings, torch.Generator("cpu").manual_seed(seed)
+    )
+    induced, decoded, round_trip = result.images.cpu(), result.decoded.cpu(), result.round_trip.cpu()
+    scores = {
+        "inside_fraction": inside_fraction(result.difference.cpu(), regions),
+        "ssim_outside": ssim_outside(induced, images, regions),
+        "edit_inside_fraction": inside_fraction(decoded - round_trip, regions),
+        "edit_ssim_outside": ssim_outside(decoded, round_trip, regions),
+        "round_trip_ssim_outside": ssim_outside(round_trip, images, regions),
+    }
+    if probability is not None:
+        scores["classifier_prob_before"], scores["classifier_prob_after"] = probability(
+            torch.cat([images, induced])
+        ).chunk(2)
+    records = [
+        {"index": index, "seed": seed, "scores": {key: float(v[k]) for key, v in scores.items()}}
+        for k, index in enumerate(indices)
+    ]
+    return induced, records
+
+
+class InductionTask(L.LightningModule):
+    """One unit per ``predict_step``; each rank loads the pipeline and the classifier on its own device."""
+
+    def __init__(self, cfg: DictConfig, request: Request, units: list[tuple[int, list[int]]]):
+        super().__init__()
+        self.cfg, self.request, self.units = cfg, request, units
+        self.parts = Parts(Path(cfg.output_dir))
+
+    def setup(self, stage: str) -> None:
+        device, cfg = self.trainer.strategy.root_device, self.cfg
+        self.pipeline = LatentDiffusionPipeline.from_checkpoint(
+            cfg.checkpoint, device, cfg.use_ema, compile=cfg.compile, allow_frozen_mismatch=cfg.allow_frozen_mismatch
+        )
+        self.probability = finding_probability(cfg.classifier_checkpoint, cfg.finding, device)
+
+    def predict_dataloader(self) -> DataLoader:
+        pending = self.parts.pending(len(self.units), self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(pending, batch_size=None)  # a batch is a unit's number
+
+    def predict_step(self, unit: int, batch_idx: int) -> dict:
+        seed, indices = self.units[unit]
+        induced, records = induce(self.pipeline, self.request, seed, indices, self.probability)
+        return {"unit": unit, "induced": induced, "part": {"records": records}}
+
+
+def output_name(inputs: Inputs, record: dict) -> str:
+    return f"{inputs.ids[record['index']]}_seed{record['seed']}"
+
+
+def write_unit(out: Path, inputs: Inputs, result: dict) -> None:
+    """``induced/<id>_seed<k>.png`` and ``difference/<id>_seed<k>.npy`` (induced minus original, grey levels)."""
+    for image, record in zip(result["induced"], result["part"]["records"], strict=True):
+        picture = to_unit_range(image[0]).numpy()
+        original = to_unit_range(inputs.images[record["index"], 0]).numpy()
+        save_gray_png(out / "induced" / f"{output_name(inputs, record)}.png", picture)
+        save_array(out / "difference" / f"{output_name(inputs, record)}.npy", picture - original)
+
+
+def merge(parts: Iterator[dict]) -> list[dict]:
+    """Every unit's records in unit order (seed by seed, inputs in order): a one-process run's."""
+    return [record for part in parts for record in part["records"]]
 
 
 # 3. outputs ---------------------------------------------------------------------------------------------------------
@@ -248,35 +290,25 @@ def save_panel(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndar
     figure.savefig(path, format="png", metadata={"Software": None})
 
 
-def write_outputs(out: Path, inputs: Inputs, inductions: list[Induction]) -> None:
-    """``induced/<id>_seed<k>.png``, ``difference/<id>_seed<k>.npy`` and ``panels/<id>.png`` under ``out``; one
-    colour scale for every panel of the run."""
+def write_panels(out: Path, inputs: Inputs, records: list[dict]) -> None:
+    """``panels/<id>.png``, one row per seed, from the written differences; one colour scale for every panel."""
     originals = to_unit_range(inputs.images[:, 0]).numpy()  # (N, H, W) in [0, 1]
-    pictures = [to_unit_range(done.image[0]).numpy() for done in inductions]
-    differences = [picture - originals[done.index] for picture, done in zip(pictures, inductions, strict=True)]
+    differences = [np.load(out / "difference" / f"{output_name(inputs, r)}.npy") for r in records]
     vmax = max(float(np.abs(d).max()) for d in differences) or 1.0
     panels: dict[int, list] = {}
-    for done, picture, difference in zip(inductions, pictures, differences, strict=True):
-        name = f"{inputs.ids[done.index]}_seed{done.seed}"
-        save_gray_png(out / "induced" / f"{name}.png", picture)
-        save_array(out / "difference" / f"{name}.npy", difference)
-        panels.setdefault(done.index, []).append(
-            (
-                f"seed {done.seed}",
-                originals[done.index],
-                inputs.regions[done.index, 0].float().numpy(),
-                picture,
-                difference,
-            )
-        )
+    for record, difference in zip(records, differences, strict=True):
+        index = record["index"]
+        region = inputs.regions[index, 0].float().numpy()
+        row = (f"seed {record['seed']}", originals[index], region, originals[index] + difference, difference)
+        panels.setdefault(index, []).append(row)
     for index, rows in panels.items():
         save_panel(out / "panels" / f"{inputs.ids[index]}.png", rows, vmax)
 
 
-def summarize(inductions: list[Induction]) -> dict[str, float | None]:
+def summarize(records: list[dict]) -> dict[str, float | None]:
     """Means over inputs and seeds; ``classifier_recognised_fraction``: share the classifier calls the finding
     present in (p >= 0.5), the target; ``classifier_rise_fraction``: share where its probability merely rose."""
-    scores = [done.scores for done in inductions]
+    scores = [record["scores"] for record in records]
     summary = {key: float(np.mean([s[key] for s in scores])) if key in scores[0] else None for key in SCORES}
     scored = summary["classifier_prob_after"] is not None
     summary["classifier_recognised_fraction"] = (

@@ -1,0 +1,152 @@
+"""Inference runs spread over devices with Lightning's ``predict``, resumable, and equal to a one-process run.
+
+A run's work is a fixed list of *units* (batches of input indices), the same whatever the number of processes; a
+unit's seed is its number. Rank ``r`` of ``N`` takes units ``r, r + N, ...`` (no padding: each input exactly once).
+When a unit's outputs are on disk, its share of the results (CSV rows, metric states) is committed as one part file,
+atomically, so a killed run resumes by skipping committed units. Rank zero merges the parts in unit order, which makes
+the merged results those of a one-process run. The parts are deleted once merged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Sampler
+
+#: settings that say where and how fast a run goes, not what it computes: a run may resume with other values
+RUNTIME_KEYS = ("device", "devices", "num_nodes", "num_threads", "progress", "compile")
+
+
+def plan_units(indices: list[int], batch_size: int) -> list[list[int]]:
+    """``indices`` in consecutive batches of ``batch_size`` (the last one shorter)."""
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+class UnitSampler(Sampler[list[int]]):
+    """The batch sampler of one rank: its units not yet committed, in order."""
+
+    def __init__(self, units: list[list[int]], pending: list[int]):
+        self.units, self.pending = units, pending
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self.units[u] for u in self.pending)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+
+class Parts:
+    """``<output_dir>/parts/<unit>.pt``: each committed unit's results, loaded with ``weights_only=True``."""
+
+    def __init__(self, out: Path):
+        self.folder = Path(out) / "parts"
+
+    def path(self, unit: int) -> Path:
+        return self.folder / f"{unit:06d}.pt"
+
+    def done(self) -> set[int]:
+        return {int(p.stem) for p in self.folder.glob("*.pt")} if self.folder.is_dir() else set()
+
+    def pending(self, num_units: int, rank: int, world_size: int) -> list[int]:
+        done = self.done()
+        return [u for u in range(rank, num_units, world_size) if u not in done]
+
+    def commit(self, unit: int, payload: dict) -> None:
+        """Written under a temporary name, then renamed: a part file is whole or absent."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{unit:06d}.pt.{os.getpid()}"
+        torch.save(payload, tmp)
+        os.replace(tmp, self.path(unit))
+
+    def clear(self) -> None:
+        """Once merged: the parts' metric states can be large (exact pixel scores)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def load(self, num_units: int) -> Iterator[dict]:
+        """Every unit's part in unit order; a missing one is an error (a rank that failed)."""
+        missing = sorted(set(range(num_units)) - self.done())
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {num_units} units have no results (first: {missing[0]})")
+        for unit in range(num_units):
+            yield torch.load(self.path(unit), map_location="cpu", weights_only=True)
+
+
+def claim_output(cfg: DictConfig, out: Path) -> None:
+    """Save the run's config in ``out``, or check that the run already there is this one (then it resumes): a folder
+    holding another run's results is refused, never mixed or overwritten. ``RUNTIME_KEYS`` may differ. A run that
+    wrote nothing but its config (it failed at the start) is replaced."""
+    saved = out / "config.yaml"
+    current = OmegaConf.to_container(cfg, resolve=True)
+    if saved.is_file() and any(p.name != saved.name for p in out.iterdir()):
+        before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        changed = sorted(
+            k for k in set(before) | set(current) if k not in RUNTIME_KEYS and before.get(k) != current.get(k)
+        )
+        if changed:
+            raise ValueError(
+                f"output_dir={out} holds a run with other settings ({', '.join(changed)} differ): choose another "
+                "output_dir, or delete that folder to start over"
+            )
+    elif rank_zero_only.rank == 0:  # the other ranks start later, when rank zero calls predict
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, saved, resolve=True)
+
+
+def trainer_args(cfg: DictConfig) -> dict:
+    """The predict Trainer's devices from the run's ``device`` (cpu | cuda | gpu), ``devices`` and ``num_nodes``;
+    more than one process is DDP (gloo on the CPU)."""
+    accelerator = "gpu" if str(cfg.device).startswith(("cuda", "gpu")) else str(cfg.device)
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device}, but torch sees no CUDA GPU: run with device=cpu (GPUS=0)")
+    if cfg.devices < 1 or cfg.num_nodes < 1:
+        raise ValueError("devices and num_nodes must be positive")
+    many = cfg.devices * cfg.num_nodes > 1
+    return {
+        "accelerator": accelerator,
+        "devices": cfg.devices,
+        "num_nodes": cfg.num_nodes,
+        "strategy": "ddp" if many else "auto",
+    }
+
+
+class PartWriter(BasePredictionWriter):
+    """Writes each unit's outputs with ``write_outputs(prediction)``, then commits its part."""
+
+    def __init__(self, parts: Parts, write_outputs):
+        super().__init__(write_interval="batch")
+        self.parts, self.write_outputs = parts, write_outputs
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.write_outputs(prediction)
+        self.parts.commit(prediction["unit"], prediction["part"])
+
+
+def run_units(module: L.LightningModule, cfg: DictConfig, parts: Parts, write_outputs) -> bool:
+    """``module.predict_step`` over every pending unit on the run's devices (``module.predict_dataloader`` serves
+    ``parts.pending``); True in the one process that then merges, after every rank has committed its units."""
+    warnings.filterwarnings("ignore", message=".*custom batch sampler.*")  # UnitSampler returns every unit, unpadded
+    trainer = L.Trainer(
+        **trainer_args(cfg),
+        precision="32-true",
+        inference_mode=False,  # no_grad only: gradient saliency turns gradients back on
+        use_distributed_sampler=False,  # the units are sharded by ``Parts.pending``, unpadded
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=bool(cfg.progress),
+        callbacks=[PartWriter(parts, write_outputs)],
+    )
+    trainer.predict(module, return_predictions=False)
+    trainer.strategy.barrier("parts committed")  # here, not in a hook: a rank with no unit left runs no hook
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # the merge is local: metrics must not try to sync
+    return trainer.is_global_zero
