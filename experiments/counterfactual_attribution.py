@@ -20,12 +20,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from lightning_modules.checkpoints import read_hparams
 from lightning_modules.runs import attribution
 from lightning_modules.runs.cli import load_config, run, write_csv, write_results
-from lightning_modules.runs.units import Parts, claim_output, run_units, trainer_args
+from lightning_modules.runs.units import Parts, claim_output, run_units, set_threads
 from lightning_modules.settings import SamplingSettings
 
 
@@ -34,13 +32,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(cfg.output_dir)
     try:  # everything that can be wrong with the request fails here, before any model is loaded
         attribution.check_config(cfg)
-        trainer_args(cfg)
+        set_threads(cfg)  # checks the devices too
         hparams = read_hparams(cfg.checkpoint, "stage-2 latent diffusion")
         defaults = SamplingSettings.from_hparams(hparams.get("sampling"))  # steps and guidance unless set
         methods = attribution.build_methods(cfg, defaults)
         trials = attribution.tuning_trials(cfg, defaults) if cfg.tune.enabled else []
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
         inputs = attribution.load_inputs(cfg, int(hparams["image_size"]), methods)
         attribution.drop_unavailable(cfg, methods, inputs.notes)
         claim_output(cfg, out)  # a folder holding another run is refused; this run's own is resumed

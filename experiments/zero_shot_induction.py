@@ -21,21 +21,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from lightning_modules.runs import induction
 from lightning_modules.runs.cli import load_config, run
-from lightning_modules.runs.units import RUNTIME_KEYS, Parts, claim_output, run_units, trainer_args
+from lightning_modules.runs.units import RUNTIME_KEYS, Parts, claim_output, run_units, set_threads
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = load_config("induction", argv)
     out = Path(cfg.output_dir)
     try:
-        trainer_args(cfg)
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+        set_threads(cfg)  # checks the devices too
         request = induction.prepare(cfg)
         claim_output(cfg, out)  # a folder holding another run is refused; this run's own is resumed
     except ValueError as err:  # RegionError included

@@ -53,6 +53,7 @@ KEYS = {
     "counterfactual_settings",
     "quick",
     "latent_store",
+    "attribution_scaling",
 }
 LINE_KEYS = {
     "what",
@@ -261,3 +262,15 @@ def test_compile_cost_is_the_first_call_difference_over_the_time_each_call_saves
         "- compilation, timed cold, once per process and input shape: training 10 s, repaid after 20 "
         "steps of 64 images; sdedit 10 s, never repaid (not faster)"
     ]
+
+
+def test_attribution_scaling_is_two_timed_runs_of_the_users_command(quick):
+    """1 and 2 processes on the same folder: the speedup and efficiency recomputed from the recorded seconds."""
+    _, result, markdown = quick
+    scaling = result["attribution_scaling"]
+    one, two = scaling["processes"]["1"], scaling["processes"]["2"]
+    for run in (one, two):
+        assert run["seconds"] > 0 and run["images_per_second"] == pytest.approx(scaling["images"] / run["seconds"])
+    assert scaling["speedup_2_vs_1"] == pytest.approx(one["seconds"] / two["seconds"])
+    assert scaling["efficiency"] == pytest.approx(scaling["speedup_2_vs_1"] / 2)
+    assert f"**{scaling['speedup_2_vs_1']:.2f}x**, scaling efficiency" in markdown

@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -49,6 +50,7 @@ from lightning_modules.latent_diffusion import LatentDiffusionModule, drop_promp
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.prompt_encoder import NULL_PROMPT, PromptEncoder
 from lightning_modules.runs.environment import environment
+from lightning_modules.runs.scaling_bench import attribution_scaling
 from lightning_modules.runs.store_bench import store_lines
 from lightning_modules.runs.timing import (
     Call,
@@ -85,6 +87,8 @@ QUICK = [
     "store.images=8",
     "store.batch_size=4",
     "store.memory_counts=[500,4000]",
+    "scaling.images=4",
+    "scaling.batch_size=1",
 ]
 
 #: UNet variants timed beside the plain float32 forward + backward: what `make bench` says before we turn one on
@@ -489,12 +493,14 @@ def run(cfg: DictConfig, settings: dict[str, CounterfactualSettings], quick: boo
         lines += counterfactual + flop_lines(bench)
         store, store_memory = store_lines(bench)
         lines += store
+        scaling = attribution_scaling(bench, Path(tmp) / "scaling", settings)
     result = report(cfg, lines, checks, device, (load, os.getloadavg()), time.perf_counter() - start)
     by = {line.name: line for line in lines}
     result["latent_store"] = {
         "speedup_vs_files": by["latents_from_store"].median / by["latents_from_files"].median,
         "memory": store_memory,
     }
+    result["attribution_scaling"] = scaling
     result["counterfactual_settings"] = {method: s.asdict() for method, s in settings.items()}
     result["quick"] = quick
     return result
@@ -571,6 +577,16 @@ def store_notes(store: dict) -> list[str]:
     ]
 
 
+def scaling_note(scaling: dict) -> str:
+    one, two = scaling["processes"]["1"], scaling["processes"]["2"]
+    return (
+        f"- attribution ({', '.join(scaling['methods'])}; {scaling['images']} images, batch {scaling['batch_size']}) "
+        f"on {scaling['cores']} cores: 1 process {one['images_per_second']:.2f} images/s, 2 processes (gloo) "
+        f"{two['images_per_second']:.2f} images/s: **{scaling['speedup_2_vs_1']:.2f}x**, scaling efficiency "
+        f"{scaling['efficiency']:.0%} ({scaling['method']})"
+    )
+
+
 def compile_notes(compile: dict | None) -> list[str]:
     if compile is None:
         return []
@@ -627,6 +643,7 @@ def markdown(result: dict) -> str:
                 for variant, speedup in result["unet_variant_speedups"].items()
             ),
             *store_notes(result["latent_store"]),
+            scaling_note(result["attribution_scaling"]),
             f"- peak memory: {result['memory_method']}, over the last warm-up call",
             f"- training batch {settings['data']['batch_size']}; counterfactual batch "
             f"{settings['counterfactual']['batch_size']}, sdedit {counterfactual['sdedit']}, "

@@ -118,6 +118,14 @@ def trainer_args(cfg: DictConfig) -> dict:
     }
 
 
+def set_threads(cfg: DictConfig) -> None:
+    """``num_threads`` per process, or on the CPU with several processes their share of the cores (not torch's
+    default of all of them in each: oversubscribed cores slow every process down)."""
+    processes = cfg.devices if trainer_args(cfg)["accelerator"] == "cpu" else 1
+    if cfg.num_threads or processes > 1:
+        torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // processes))
+
+
 class PartWriter(BasePredictionWriter):
     """Writes each unit's outputs with ``write_outputs(prediction)``, then commits its part."""
 
