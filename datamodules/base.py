@@ -37,6 +37,8 @@ class CXRDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.datasets: dict[str, Dataset] = {}
+        #: ids of the latent store stage 2 trains from: the train split then serves no pixels (``without_pixels``)
+        self.stored_ids: set[str] | None = None
 
     def dataset(self, split: str) -> Dataset:
         if split not in self.datasets:
@@ -56,6 +58,8 @@ class CXRDataModule(L.LightningDataModule):
         """Epoch orders drawn from the run's seed, sharded by rank, resumable mid-epoch (datamodules/sampling.py)."""
         trainer = self.trainer
         dataset = self.dataset("train")
+        if self.stored_ids is not None:
+            dataset.without_pixels(self.stored_ids)
         sampler = EpochSampler(
             dataset,
             seed=run_seed(),

@@ -270,6 +270,14 @@ class XRayDataset(Dataset):
         self.random_prompt = random_prompt
         #: files that failed to decode in this process: id -> reason
         self.bad_files: dict[str, str] = {}
+        #: False once ``without_pixels``: samples carry no image (stage 2 reads its latents from the latent store)
+        self.pixels = True
+
+    def without_pixels(self, stored: set[str]) -> None:
+        """Serve prompts, labels and ids only, for images whose latents ``stored`` holds: the files are not opened.
+        An image the store lacks (it failed to decode when the store was written) is skipped like a bad file."""
+        self.pixels = False
+        self.bad_files.update({key: "not in the latent store" for key in self.ids if key not in stored})
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -307,6 +315,10 @@ class XRayDataset(Dataset):
         )
 
     def _load(self, i: int, rng: np.random.Generator) -> dict:
+        if not self.random_prompt:
+            rng = np.random.default_rng([self.seed, zlib.crc32(self.ids[i].encode())])
+        if not self.pixels:
+            return {"prompt": self.prompt(i, rng), "label": torch.from_numpy(self.labels[i]), "id": self.ids[i]}
         image = read_gray(self.root / self.ids[i], self.intensity)
         masks = {}
         for key, paths in (("lung_mask", self.lung_masks), ("mask", self.lesion_masks)):
@@ -316,8 +328,6 @@ class XRayDataset(Dataset):
         out = self.transform(image=image, masks=list(masks.values())) if masks else self.transform(image=image)
         image = torch.from_numpy(np.clip(out["image"], 0.0, 1.0)).float()[None]
         masks = {k: torch.from_numpy(np.asarray(m)).float()[None] for k, m in zip(masks, out.get("masks", []))}
-        if not self.random_prompt:
-            rng = np.random.default_rng([self.seed, zlib.crc32(self.ids[i].encode())])
         sample = {
             "image": to_model_range(image),
             "prompt": self.prompt(i, rng),

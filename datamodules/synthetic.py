@@ -76,6 +76,14 @@ class SyntheticCXRDataset(Dataset):
         self.split, self.length, self.bank, self.image_size = split, length, bank, image_size
         self.seed, self.p_healthy, self.p_second = seed, p_healthy, p_second
         self._cache: dict[int, dict] | None = {} if cache else None
+        self.pixels = True  # False: prompts, labels and ids only (``without_pixels``)
+
+    def without_pixels(self, stored: set[str]) -> None:
+        """Serve prompts, labels and ids only (stage 2 reads its latents from the latent store): nothing rendered."""
+        missing = [self.sample_id(i) for i in range(self.length) if self.sample_id(i) not in stored]
+        if missing:
+            raise ValueError(f"the latent store lacks {len(missing)} phantoms (first: {missing[0]}): write it again")
+        self.pixels = False
 
     def __len__(self) -> int:
         return self.length
@@ -108,6 +116,12 @@ class SyntheticCXRDataset(Dataset):
 
     def __getitem__(self, key: int | SampleKey) -> dict:
         i = sample_key(key)[1]  # a phantom is the same in every epoch
+        if not self.pixels:
+            return {
+                "prompt": self.prompt(i),
+                "label": torch.from_numpy(finding_vector(self.findings(i))),
+                "id": self.sample_id(i),
+            }
         if self._cache is None:
             return self._render(i)
         if i not in self._cache:

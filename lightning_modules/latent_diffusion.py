@@ -81,8 +81,10 @@ class LatentDiffusionModule(L.LightningModule):
     # ---- image -> latent ------------------------------------------------------------------------------------
     @torch.no_grad()
     def latents(self, batch: dict, sample: bool) -> torch.Tensor:
-        """(B, 1, H, W) images -> (B, C, h, w) scaled latents; the posterior of each image id is encoded once."""
-        images, ids = batch["image"], batch["id"]
+        """(B, 1, H, W) images -> (B, C, h, w) scaled latents; the posterior of each image id is encoded once. With
+        the latent store, by id alone (training batches then carry no image)."""
+        ids = batch["id"]
+        images = batch.get("image")
         if self.latent_store is not None:
             mean, std = (t.to(self.device) for t in self.latent_store.get(ids))
         elif not self.hparams.cache_latents:

@@ -11,16 +11,19 @@ changed VAE, image size or transform finds another, empty store, never a stale o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from lightning_modules.components import vae_scale_factor
@@ -183,9 +186,55 @@ class _Splits(L.LightningDataModule):
         return DataLoader(self.data, sampler=sampler, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
+@contextlib.contextmanager
+def writing_lock(path: Path) -> Iterator[None]:
+    """``<store>.lock`` while the store is written, taken by rank zero (the other ranks of its run start later): a
+    second run asked to write the same store is refused, not let to write the same files. A lock left by a process
+    of this machine that no longer runs is taken over."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    owner = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            with open(lock, "x") as fh:
+                fh.write(owner)
+            break
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+                raise ValueError(
+                    f"another run ({host}, pid {pid}) is writing the latent store {path}: wait for it to finish, then "
+                    f"start this one (or delete {lock} if that run is gone)"
+                ) from None
+            lock.unlink(missing_ok=True)  # its writer died: the store is incomplete, write it again
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def encode(path: Path, vae: torch.nn.Module, datamodule, trainer_args: dict) -> Path:
     """Write the store of ``datamodule``'s train and val splits at ``path`` with a predict-only Trainer built from
-    ``trainer_args`` (accelerator, devices, strategy, num_nodes: every rank encodes its share)."""
+    ``trainer_args`` (accelerator, devices, strategy, num_nodes: every rank encodes its share), under
+    ``writing_lock``."""
+    with writing_lock(path):
+        return _encode(path, vae, datamodule, trainer_args)
+
+
+def _encode(path: Path, vae: torch.nn.Module, datamodule, trainer_args: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     shape = (vae.config.latent_channels, *(datamodule.image_size // vae_scale_factor(vae),) * 2)
     splits = _Splits(

@@ -67,6 +67,53 @@ def test_images_changed_on_disk_make_another_store(tmp_path):
     assert files_signature(csv()) != before
 
 
+def test_with_the_store_the_train_split_serves_no_pixels_and_never_opens_a_file(tmp_path, monkeypatch):
+    """The same prompt, label and id as with pixels; an image the store lacks is skipped as a bad file."""
+    import datamodules.images
+    from datamodules.csv_folder import CSVDataModule
+    from tests.fixtures_real_data import make_csv_tree
+
+    data = CSVDataModule(str(make_csv_tree(tmp_path)), image_size=8, split_column="split")
+    dataset = data.dataset("train")
+    with_pixels = [dataset[i] for i in range(len(dataset))]
+    assert all("image" in sample for sample in with_pixels)
+    absent = dataset.ids[0]
+    dataset.without_pixels(set(dataset.ids) - {absent})
+    monkeypatch.setattr(datamodules.images, "read_gray", lambda *a, **k: pytest.fail("a file was opened"))
+    served = [dataset[i] for i in range(len(dataset))]
+    assert [s["id"] for s in served] == [dataset.ids[1], *dataset.ids[1:]]  # index 0 serves the next sample
+    for sample, full in zip(served[1:], with_pixels[1:], strict=True):
+        assert set(sample) == {"prompt", "label", "id"}
+        assert sample["prompt"] == full["prompt"] and torch.equal(sample["label"], full["label"])
+
+
+def test_synthetic_without_pixels_renders_nothing_and_agrees():
+    dataset = _data().dataset("train")
+    full = [dataset[i] for i in range(len(dataset))]
+    with pytest.raises(ValueError, match="the latent store lacks 1 phantoms"):
+        dataset.without_pixels({s["id"] for s in full[1:]})
+    dataset.without_pixels({s["id"] for s in full})
+    for i, sample in enumerate(full):
+        assert dataset[i].keys() == {"prompt", "label", "id"} and dataset[i]["prompt"] == sample["prompt"]
+        assert torch.equal(dataset[i]["label"], sample["label"]) and dataset[i]["id"] == sample["id"]
+
+
+def test_a_store_being_written_is_not_written_by_a_second_run(tmp_path):
+    from lightning_modules.latent_store import writing_lock
+
+    path = tmp_path / "store"
+    with writing_lock(path):
+        assert path.with_name("store.lock").read_text().endswith(f" {__import__('os').getpid()}")
+        with pytest.raises(ValueError, match="another run .* is writing the latent store"):
+            with writing_lock(path):
+                pass
+    assert not path.with_name("store.lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.with_name("store.lock").write_text(f"{__import__('socket').gethostname()} {dead.stdout.strip()}")
+    with writing_lock(path):  # its writer is gone: taken over
+        pass
+
+
 def test_augmentation_and_a_store_are_refused_together(tiny_vae_dir, tmp_path):
     cfg = compose("train", [*SMOKE, f"log_dir={tmp_path}", "latent_store.enabled=true"])
     dm = _data()

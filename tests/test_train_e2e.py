@@ -252,6 +252,7 @@ def test_stage2_encodes_its_latent_store_once_and_trains_from_it(stage1, tmp_pat
     assert "encoding the train and val splits into the latent store" in caplog.text
     store = first.lightning_module.latent_store
     assert len(store) == 20 and first.lightning_module._latent_cache == {}  # read from disk, nothing cached
+    assert "image" not in next(iter(first.datamodule.train_dataloader()))  # no image decoded for training
     caplog.clear()
     with caplog.at_level("WARNING"):
         second = train.main([*common, "run_name=again"])

@@ -65,6 +65,7 @@ def build_latent_diffusion(cfg: DictConfig, datamodule: CXRDataModule, **overrid
     module = LatentDiffusionModule(**{**arguments, **overrides})
     if OmegaConf.select(cfg, "latent_store.enabled", default=False):  # train.yaml's (the benchmark has none)
         module.latent_store = LatentStore(latent_store(cfg, datamodule, module.vae, write=cfg.trainer.devices == 1))
+        datamodule.stored_ids = set(module.latent_store.rows)  # training batches then carry no pixels
     return module
 
 
