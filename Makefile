@@ -27,7 +27,7 @@ RUN_OVERRIDES = device=$(if $(filter gpu,$(ACCELERATOR)),cuda,cpu) devices=$(DEV
 	$(if $(DATA),data=$(DATA)) $(if $(DATA_ROOT),'data.root=$(DATA_ROOT)') $(ARGS)
 
 .PHONY: lock install lint test test-fast demo demo-covid-layout train train-autoencoder train-classifier encode-latents \
-	attribute induce tensorboard bench repro clean
+	attribute induce app app-shot browser tensorboard bench repro clean
 
 $(STAMP): setup.cfg requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check --quiet .
 	$(VENV)/bin/ruff check --quiet .
 
-test: lint
+test: lint browser
 	$(call pytest,-m "not slow")
 	$(call pytest,-m slow)
 
@@ -74,6 +74,21 @@ induce: $(STAMP)
 
 demo: $(STAMP)
 	bash experiments/demo.sh
+
+# the web app on the demo model (or CHECKPOINT=... CLASSIFIER=...), http://127.0.0.1:$(PORT) (default 7860)
+app: $(STAMP)
+	$(PY) experiments/app.py $(if $(CHECKPOINT),'checkpoint=$(CHECKPOINT)') \
+		$(if $(CLASSIFIER),'classifier_checkpoint=$(CLASSIFIER)') $(if $(PORT),port=$(PORT)) $(ARGS)
+
+# Debian's Chromium for the browser tests, installed once (apt-get; as root, or through sudo)
+browser:
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the browser tests"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+# after `make demo`: one counterfactual request in Chromium timed on the demo model, and docs/app.png for the README
+app-shot: $(STAMP) browser
+	$(PY) experiments/app_screenshot.py $(ARGS)
 
 # After `make demo`: the real-data path (CovidRadiographyDataModule, its split, its prompts) on phantoms written to
 # disk in the COVID-19 Radiography Database layout, lesion masks beside them, scored like the synthetic run.

@@ -22,8 +22,8 @@ ENTRY_POINTS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 TRAINING = ("benchmark", "train", "train_autoencoder", "train_classifier")
 #: entry points with a data group only: the model comes with a checkpoint
 SAMPLING = ("attribution", "evaluate", "induction")
-#: entry points that run other scripts in their own processes
-STANDALONE = ("reproducibility",)
+#: entry points that run other scripts in their own processes, or serve (the web app)
+STANDALONE = ("app", "reproducibility")
 #: the model each YAML's settings default to when it names none (a stage-2 checkpoint stores model.sampling)
 CHECKPOINT_SAMPLING = compose("train").model.sampling
 #: `experiment=smoke` shrinks the CPU model's widths as lists whose length is the CPU model's depth; the GPU model
@@ -259,6 +259,7 @@ EXPECTED_SETTINGS = {
     "induction": {"induction", "region"},
     "benchmark": {"sdedit", "inversion"},
     "reproducibility": set(),
+    "app": set(),  # its settings are attribution.yaml's and induction.yaml's, read when it starts
 }
 #: the entries of EXPECTED_SETTINGS that are settings objects (the rest are callbacks and the induction region)
 SETTINGS_KEYS = {
