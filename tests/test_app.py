@@ -108,6 +108,14 @@ def test_the_page_in_chromium_serves_a_counterfactual_and_refuses_a_broken_file(
             browser.upload(page, film)  # the server goes on serving
             page.click("#run-counterfactual")
             page.get_by_text("p(abnormal)").first.wait_for(state="visible")
+
+            page.get_by_role("tab", name="Induction").click()  # an example phantom, its lung zone, the bank's prompt
+            assert page.get_by_label("prompt").input_value() == explorer.prompt_for("nodule", "left-lower", None)
+            page.click("#run-induction")
+            page.get_by_text("classifier p(nodule)").first.wait_for(state="visible")
+            page.get_by_label("or a box").fill("10,10,90,90")
+            page.click("#run-induction")
+            page.get_by_text("outside the 64x64 image").first.wait_for(state="visible")
     finally:
         page_app.close()
     time.sleep(0.1)

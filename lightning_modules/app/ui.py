@@ -18,7 +18,7 @@ from lightning_modules.app.service import METHODS, Example, Explorer
 from lightning_modules.overlays import TILE, blend_heat, colour_bar, save_array, save_gray_png
 from lightning_modules.regions import ZONES
 
-MAP_LABEL = "denser than counterfactual (grey fraction)"
+MAP_LABEL = "denser than healthy (grey)"
 
 
 # 1. pictures ----------------------------------------------------------------------------------------------------------
