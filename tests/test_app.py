@@ -113,6 +113,14 @@ def test_the_page_in_chromium_serves_a_counterfactual_and_refuses_a_broken_file(
             assert page.get_by_label("prompt").input_value() == explorer.prompt_for("nodule", "left-lower", None)
             page.click("#run-induction")
             page.get_by_text("classifier p(nodule)").first.wait_for(state="visible")
+            picture = page.locator("#box-picker img").first  # two clicks on the picture draw a box
+            size = picture.bounding_box()
+            picture.click(position={"x": size["width"] * 0.25, "y": size["height"] * 0.25})
+            page.wait_for_timeout(500)
+            picture.click(position={"x": size["width"] * 0.5, "y": size["height"] * 0.6})
+            page.wait_for_function("document.querySelector('#box textarea, #box input').value.split(',').length == 4")
+            x0, y0, x1, y1 = map(int, page.locator("#box textarea, #box input").first.input_value().split(","))
+            assert abs(x0 - 16) <= 1 and abs(y0 - 16) <= 1 and abs(x1 - 33) <= 1 and abs(y1 - 39) <= 1
             page.get_by_label("or a box").fill("10,10,90,90")
             page.click("#run-induction")
             page.get_by_text("outside the 64x64 image").first.wait_for(state="visible")

@@ -14,9 +14,10 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, ImageFont
 
+from datamodules.base import to_unit_range
 from lightning_modules.app.service import METHODS, Example, Explorer
 from lightning_modules.overlays import TILE, blend_heat, colour_bar, save_array, save_gray_png
-from lightning_modules.regions import ZONES
+from lightning_modules.regions import ZONES, box_mask
 
 MAP_LABEL = "denser than healthy (grey)"
 
@@ -45,6 +46,13 @@ def signed_picture(difference: np.ndarray) -> Image.Image:
     """induced - original in a diverging colour map, symmetric about 0."""
     top = float(np.abs(difference).max()) or 1.0
     return enlarge(colormaps["RdBu_r"](0.5 + difference / (2 * top))[..., :3])
+
+
+def tinted(image01: np.ndarray, region: np.ndarray) -> Image.Image:
+    """The image with ``region`` (H, W) bool tinted red."""
+    rgb = np.repeat(image01[..., None], 3, -1)
+    rgb[region] = 0.6 * rgb[region] + 0.4 * np.array([1.0, 0.0, 0.0])
+    return enlarge(rgb)
 
 
 def probability(value: float | None) -> str:
@@ -121,13 +129,34 @@ def build(explorer: Explorer, examples: list[Example], out: Path) -> gr.Blocks:
                 result = explorer.induce(image, finding, zone, box, prompt, guidance, int(steps), int(seed), lung)
         except (ValueError, LookupError, OSError) as err:
             raise gr.Error(" ".join(str(err).split()), print_exception=False) from None
-        region = result.image01.copy()[..., None].repeat(3, -1)
-        region[result.region] = 0.6 * region[result.region] + 0.4 * np.array([1.0, 0.0, 0.0])
         scores = (
             f"prompt: *{result.prompt}*  \nclassifier p({finding}): before **{probability(result.p_before)}**, "
             f"after **{probability(result.p_after)}**"
         )
-        return enlarge(region), enlarge(result.induced01), signed_picture(result.induced01 - result.image01), scores
+        difference = signed_picture(result.induced01 - result.image01)
+        return tinted(result.image01, result.region), enlarge(result.induced01), difference, scores
+
+    def show_picker(upload, example):
+        """The chosen normal image, to click a box's corners on."""
+        try:
+            image, _ = source(upload, example)
+        except (ValueError, LookupError, OSError):
+            return None, None
+        return enlarge(to_unit_range(image)[0, 0].numpy()), None
+
+    def pick(upload, example, first, evt: gr.SelectData):
+        """A click on the picture: the first corner, then the second, which writes the box (model pixels)."""
+        try:
+            image01 = to_unit_range(source(upload, example)[0])[0, 0].numpy()
+        except (ValueError, LookupError, OSError) as err:
+            raise gr.Error(" ".join(str(err).split()), print_exception=False) from None
+        scale = explorer.size / max(TILE, explorer.size)  # the picture is enlarged to TILE px
+        x, y = (min(explorer.size - 1, int(v * scale)) for v in evt.index[:2])
+        if first is None:
+            return tinted(image01, box_mask((x, y, x + 1, y + 1), explorer.size)), (x, y), gr.update()
+        (x0, x1), (y0, y1) = sorted((first[0], x)), sorted((first[1], y))
+        box = (x0, y0, x1 + 1, y1 + 1)
+        return tinted(image01, box_mask(box, explorer.size)), None, ",".join(map(str, box))
 
     def wording(finding, zone, box):
         try:
@@ -183,13 +212,24 @@ def build(explorer: Explorer, examples: list[Example], out: Path) -> gr.Blocks:
                     example_n = gr.Dropdown(normal, value=normal[0] if normal else None, label="or an example phantom")
                     finding = gr.Dropdown(explorer.findings, value=explorer.findings[0], label="finding")
                     zone = gr.Dropdown(["none", *ZONES], value="left-lower", label="lung zone (phantoms only)")
-                    box = gr.Textbox(label="or a box x0,y0,x1,y1 in pixels of the model's input (wins over the zone)")
+                    box = gr.Textbox(
+                        label="or a box x0,y0,x1,y1 in pixels of the model's input (wins over the zone)",
+                        elem_id="box",
+                    )
                     prompt = gr.Textbox(value=wording(explorer.findings[0], "left-lower", None), label="prompt")
                     guidance_n = gr.Slider(0.0, 30.0, value=explorer.induction_guidance, step=0.5, label="guidance")
                     steps_n = gr.Slider(2, 200, value=explorer.induction_steps, step=1, label="steps")
                     seed_n = gr.Number(0, precision=0, label="seed")
                     go_n = gr.Button("Induce the finding", variant="primary", elem_id="run-induction")
                 with gr.Column(scale=3):
+                    picker = gr.Image(
+                        show_picker(None, normal[0] if normal else None)[0],
+                        label="click two corners to draw the box",
+                        type="pil",
+                        interactive=False,
+                        elem_id="box-picker",
+                    )
+                    corner = gr.State(None)
                     with gr.Row():
                         region_shown = gr.Image(label="original, region in red", type="pil")
                         induced_shown = gr.Image(label="induced", type="pil")
@@ -197,6 +237,9 @@ def build(explorer: Explorer, examples: list[Example], out: Path) -> gr.Blocks:
                     scores_n = gr.Markdown()
             for control in (finding, zone, box):
                 control.change(wording, [finding, zone, box], prompt)
+            for control in (upload_n, example_n):
+                control.change(show_picker, [upload_n, example_n], [picker, corner])
+            picker.select(pick, [upload_n, example_n, corner], [picker, corner, box])
             go_n.click(
                 run_induction,
                 [upload_n, example_n, finding, zone, box, prompt, guidance_n, steps_n, seed_n],
