@@ -21,13 +21,13 @@ TRAIN_OVERRIDES = $(if $(filter gpu,$(ACCELERATOR)),trainer=gpu $(if $(filter mo
 	trainer.accelerator=$(ACCELERATOR) trainer.devices=$(DEVICES) trainer.num_nodes=$(NODES) \
 	$(if $(DDP),trainer.strategy=ddp) $(ARGS)
 
-# make attribute|induce [GPUS=N] [ACCELERATOR=cpu] [NODES=M] [DATA=name DATA_ROOT=path] [ARGS="k=v ..."]: one process
+# make attribute|induce|evaluate [GPUS=N] [ACCELERATOR=cpu] [NODES=M] [DATA=name DATA_ROOT=path] [ARGS="k=v ..."]: one process
 # per device through Lightning's predict, the same outputs on any count; rerun on the same output_dir to resume
 RUN_OVERRIDES = device=$(if $(filter gpu,$(ACCELERATOR)),cuda,cpu) devices=$(DEVICES) num_nodes=$(NODES) \
 	$(if $(DATA),data=$(DATA)) $(if $(DATA_ROOT),'data.root=$(DATA_ROOT)') $(ARGS)
 
 .PHONY: lock install lint test test-fast demo demo-covid-layout train train-autoencoder train-classifier encode-latents \
-	attribute induce app app-shot browser tensorboard bench repro clean
+	attribute induce evaluate app app-shot browser tensorboard bench repro clean
 
 $(STAMP): setup.cfg requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,9 @@ attribute: $(STAMP)
 
 induce: $(STAMP)
 	$(PY) experiments/zero_shot_induction.py $(RUN_OVERRIDES)
+
+evaluate: $(STAMP)
+	$(PY) experiments/evaluate.py $(RUN_OVERRIDES)
 
 demo: $(STAMP)
 	bash experiments/demo.sh

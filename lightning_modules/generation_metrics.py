@@ -120,21 +120,33 @@ class GenerationMetrics(nn.Module):
 
     @torch.no_grad()
     def update(self, real: torch.Tensor, groups: Sequence[Sequence[str]], **candidates: torch.Tensor) -> None:
+        self.add(self.measure(real, **candidates), groups)
+
+    @torch.no_grad()
+    def measure(self, real: torch.Tensor, **candidates: torch.Tensor) -> dict:
+        """What a batch adds, per image: ``features`` {extractor: {role: (B, F)}} and ``similarity`` {pair: {metric:
+        (B,)}}. A run spread over processes keeps these per unit and ``add``s them in order (runs/evaluation.py)."""
         unknown = sorted(set(candidates) - set(self.pairs))
         if unknown:
             raise ValueError(f"unknown pairs {unknown}; valid: {', '.join(self.pairs)}")
         images = {"real": real, **candidates}
-        features = {
-            name: {role: extractor(x) for role, x in images.items()}  # (B, F) per image set
-            for name, extractor in self.extractors.items()
+        return {
+            "features": {
+                name: {role: extractor(x) for role, x in images.items()}  # (B, F) per image set
+                for name, extractor in self.extractors.items()
+            },
+            "similarity": {pair: self.similarity(candidate, real) for pair, candidate in candidates.items()},
         }
-        similarity = {pair: self.similarity(candidate, real) for pair, candidate in candidates.items()}
+
+    def add(self, measured: dict, groups: Sequence[Sequence[str]]) -> None:
+        """A batch's ``measure`` into every group its images belong to (``groups``: each image's classes)."""
+        features, similarity = measured["features"], measured["similarity"]
         for group in self.groups:
             index = [i for i, g in enumerate(groups) if group == OVERALL or group in g]
             if not index:
                 continue
             self.counts[group]["real"].update(len(index))
-            for pair in candidates:
+            for pair in similarity:
                 self.counts[group][pair].update(len(index))
                 metrics = self.metrics[group][pair]
                 for name, values in similarity[pair].items():

@@ -395,7 +395,7 @@ def test_make_attribute_and_induce_spread_over_the_devices_asked_for(variables, 
     import shlex
     import subprocess
 
-    for target, config in (("attribute", "attribution"), ("induce", "induction")):
+    for target, config in (("attribute", "attribution"), ("induce", "induction"), ("evaluate", "evaluate")):
         line = subprocess.run(
             ["make", "-n", target, *variables, "STAMP=/dev/null"],
             cwd=CONFIG_DIR.parent,

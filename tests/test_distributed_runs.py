@@ -124,6 +124,38 @@ def test_induction_on_two_processes_writes_what_one_process_writes(checkpoints, 
     assert metrics[0] == metrics[1] and len(metrics[0]["per_sample"]) == 10
 
 
+@pytest.mark.slow
+def test_evaluation_on_two_processes_gives_the_numbers_of_one_process(checkpoints, tmp_path):  # noqa: F811
+    """7 images in batches of 2: FID (domain), SSIM, MS-SSIM per class and prompt fidelity, merged in unit order."""
+    reports = []
+    for devices in (1, 2):
+        out = tmp_path / f"evaluate{devices}"
+        run = [
+            sys.executable,
+            "experiments/evaluate.py",
+            "experiment=smoke",
+            f"checkpoint={checkpoints['checkpoint']}",
+            f"classifier_checkpoint={checkpoints['classifier_checkpoint']}",
+            f"output_dir={out}",
+            "num_threads=1",
+            f"data.num_test={IMAGES}",
+            "num_images=null",
+            "batch_size=2",
+            "generation.num_inference_steps=2",
+            "counterfactual.num_inference_steps=2",
+            "counterfactual.strength=0.5",
+            "fid.inception=false",
+            f"devices={devices}",
+        ]
+        subprocess.run(run, cwd=ROOT, check=True, capture_output=True)
+        assert not (out / "parts").exists()
+        reports.append((out / "metrics.json").read_bytes())
+    assert reports[0] == reports[1]
+    report = json.loads(reports[0])
+    assert report["num_images"] == IMAGES and report["results"]["overall"]["n"] == IMAGES
+    assert report["results"]["overall"]["generated"]["fid_domain"] is not None
+
+
 def test_units_cover_every_index_once_on_any_number_of_ranks(tmp_path):
     units = plan_units(list(range(11)), 3)
     assert units == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]

@@ -2,22 +2,24 @@
 VALD-MD's tables, and prompt fidelity.
 
 1. ``prepare``: check the request, build (= validate) the settings, the data and the images to use; no model yet.
-2. ``evaluate``: generated images and healthy counterfactuals of those images (``evaluation_images``, each image
-   from its own seed), FID / SSIM / MS-SSIM per class (``GenerationMetrics``) and prompt fidelity -> the report.
+2. ``EvaluationTask`` on every device (``runs/units.py``: each unit once, committed, resumable): generated images and
+   healthy counterfactuals (``evaluation_images``, each image from its own seed) measured per image; ``merge``: FID /
+   SSIM / MS-SSIM per class (``GenerationMetrics``) and prompt fidelity from the parts in order -> the report.
 3. ``markdown``: the report as tables, with the settings used underneath.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset
 
 from configs import instantiate
 from datamodules.base import CXRDataModule, spread_indices
@@ -34,6 +36,7 @@ from lightning_modules.generation_metrics import (
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.prompt_fidelity import prompt_fidelity
 from lightning_modules.runs.cli import checkpoint_sampling
+from lightning_modules.runs.units import Parts, UnitSampler
 from lightning_modules.settings import CounterfactualSettings, SamplingSettings, counterfactual_settings
 
 SPLITS = ("train", "val", "test")
@@ -99,11 +102,6 @@ def prepare(cfg: DictConfig) -> Request:
     return Request(generation, counterfactual, datamodule, dataset, indices)
 
 
-def device_of(accelerator: str) -> torch.device:
-    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if cuda else "cpu")
-
-
 # 2. measure ---------------------------------------------------------------------------------------------------------
 def fidelity_columns(classifier: FindingClassifier, finding_names: Sequence[str]) -> tuple[list[int] | None, str]:
     """The classifier's output index of each of the data's findings, then of "abnormal"; or None and why not (a
@@ -117,50 +115,93 @@ def fidelity_columns(classifier: FindingClassifier, finding_names: Sequence[str]
         )
 
 
-def evaluate(cfg: DictConfig, request: Request) -> dict[str, Any]:
-    """Load the models, measure every image of the request, return the report (metrics.json)."""
-    datamodule, generation, counterfactual = request.datamodule, request.generation, request.counterfactual
-    loader = DataLoader(
-        Subset(request.dataset, request.indices), batch_size=cfg.batch_size, num_workers=datamodule.num_workers
-    )
+class EvaluationTask(L.LightningModule):
+    """One unit of images per ``predict_step``: its samples and counterfactuals measured per image (features,
+    SSIM, MS-SSIM, the classifier's scores), kept as the unit's part; ``merge`` adds the parts up in unit order."""
 
-    device = device_of(cfg.device)
-    pipeline = LatentDiffusionPipeline.from_checkpoint(
-        cfg.checkpoint, device, compile=cfg.compile, allow_frozen_mismatch=cfg.allow_frozen_mismatch
-    )
-    target_prompt = datamodule.normal_prompt or pipeline.normal_prompt  # what the pipeline falls back to
-    extractors, skipped = build_extractors(cfg.fid.inception, cfg.fid.inception_weights, cfg.classifier_checkpoint)
-    metrics = GenerationMetrics((NORMAL, *datamodule.finding_names), datamodule.image_size, extractors).to(device)
-    # prompt fidelity reuses fid_domain's classifier, its outputs in the data's finding order then "abnormal"
-    classifier = extractors["fid_domain"].classifier if "fid_domain" in extractors else None
-    columns, no_fidelity = (
-        fidelity_columns(classifier, datamodule.finding_names)
-        if classifier is not None
-        else (None, skipped.get("fid_domain", ""))
-    )
-    scores: dict[str, list[torch.Tensor]] = {"generated": [], "real": []}  # (B, K + 1) per batch
-    labels, label_masks = [], []
+    def __init__(self, cfg: DictConfig, request: Request, units: list[list[int]]):
+        super().__init__()
+        self.cfg, self.request, self.units = cfg, request, units
+        self.parts = Parts(Path(cfg.output_dir))
 
-    for batch in tqdm(loader, desc=f"evaluate {cfg.split}", unit="batch"):
-        real = batch["image"].to(device)
-        fakes = evaluation_images(
-            pipeline, {**batch, "image": real}, generation, counterfactual, cfg.seed, target_prompt
+    def setup(self, stage: str) -> None:
+        cfg, datamodule, device = self.cfg, self.request.datamodule, self.trainer.strategy.root_device
+        self.pipeline = LatentDiffusionPipeline.from_checkpoint(
+            cfg.checkpoint, device, compile=cfg.compile, allow_frozen_mismatch=cfg.allow_frozen_mismatch
         )
-        metrics.update(real, image_groups(batch["label"], datamodule.finding_names), **fakes)
-        if columns is not None:
-            for images, x in (("generated", fakes["generated"]), ("real", real)):
-                scores[images].append(classifier.probabilities(x)[:, columns].cpu())
-            labels.append(batch["label"])
-            label_masks += [batch["label_mask"]] if "label_mask" in batch else []
+        self.target_prompt = datamodule.normal_prompt or self.pipeline.normal_prompt  # the pipeline's fallback
+        self.scorer = Scorer(cfg, datamodule).to(device)
 
+    def predict_dataloader(self) -> DataLoader:
+        self.pending = self.parts.pending(len(self.units), self.trainer.global_rank, self.trainer.world_size)
+        sampler = UnitSampler(self.units, self.pending)
+        return DataLoader(self.request.dataset, batch_sampler=sampler, num_workers=self.request.datamodule.num_workers)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        request, scorer = self.request, self.scorer
+        real = batch["image"].to(self.device)
+        fakes = evaluation_images(
+            self.pipeline,
+            {**batch, "image": real},
+            request.generation,
+            request.counterfactual,
+            self.cfg.seed,
+            self.target_prompt,
+        )
+        to_cpu = lambda tree: apply_to_collection(tree, torch.Tensor, lambda t: t.detach().cpu())  # noqa: E731
+        part = {
+            "measured": to_cpu(scorer.metrics.measure(real, **fakes)),
+            "groups": image_groups(batch["label"], request.datamodule.finding_names),
+        }
+        if scorer.columns is not None:
+            part["scores"] = {
+                images: scorer.classifier.probabilities(x)[:, scorer.columns].cpu()
+                for images, x in (("generated", fakes["generated"]), ("real", real))
+            }
+            part["labels"] = batch["label"].cpu()
+            if "label_mask" in batch:
+                part["label_mask"] = batch["label_mask"].cpu()
+        return {"unit": self.pending[batch_idx], "part": part}
+
+
+class Scorer(torch.nn.Module):
+    """The FID extractors and ``GenerationMetrics`` built on them, and prompt fidelity's classifier columns."""
+
+    def __init__(self, cfg: DictConfig, datamodule: CXRDataModule):
+        super().__init__()
+        extractors, self.skipped = build_extractors(
+            cfg.fid.inception, cfg.fid.inception_weights, cfg.classifier_checkpoint
+        )
+        self.metrics = GenerationMetrics((NORMAL, *datamodule.finding_names), datamodule.image_size, extractors)
+        # prompt fidelity reuses fid_domain's classifier, its outputs in the data's finding order then "abnormal"
+        self.classifier = extractors["fid_domain"].classifier if "fid_domain" in extractors else None
+        self.columns, self.no_fidelity = (
+            fidelity_columns(self.classifier, datamodule.finding_names)
+            if self.classifier is not None
+            else (None, self.skipped.get("fid_domain", ""))
+        )
+
+
+def merge(cfg: DictConfig, request: Request, scorer: Scorer, parts: Iterator[dict], target_prompt: str) -> dict:
+    """The parts in unit order as one run's report (metrics.json): a one-process run's numbers on any count."""
+    datamodule, metrics = request.datamodule, scorer.metrics.cpu()
+    scores: dict[str, list[torch.Tensor]] = {"generated": [], "real": []}  # (B, K + 1) per unit
+    labels, label_masks = [], []
+    for part in parts:
+        metrics.add(part["measured"], part["groups"])
+        if "scores" in part:
+            for images in scores:
+                scores[images].append(part["scores"][images])
+            labels.append(part["labels"])
+            label_masks += [part["label_mask"]] if "label_mask" in part else []
     results = metrics.compute()
     for values in results.values():  # a skipped FID stays in the table as null, its reason in "notes"
         for pair in metrics.pairs:
-            values[pair].update({name: None for name in skipped})
-    notes = [f"{name} skipped: {reason}" for name, reason in skipped.items()]
+            values[pair].update({name: None for name in scorer.skipped})
+    notes = [f"{name} skipped: {reason}" for name, reason in scorer.skipped.items()]
     fidelity = None
-    if columns is None:
-        notes.append(f"prompt_fidelity skipped: {no_fidelity}")
+    if scorer.columns is None:
+        notes.append(f"prompt_fidelity skipped: {scorer.no_fidelity}")
     else:
         fidelity = prompt_fidelity(
             {images: torch.cat(s) for images, s in scores.items()},
@@ -168,6 +209,7 @@ def evaluate(cfg: DictConfig, request: Request) -> dict[str, Any]:
             datamodule.finding_names,
             torch.cat(label_masks) if label_masks else None,
         )
+    generation, counterfactual = request.generation, request.counterfactual
     return {
         "checkpoint": str(cfg.checkpoint),
         "data": cfg.data.name,
