@@ -16,6 +16,7 @@ from lightning_modules.runs.training import (
     build_latent_diffusion,
     build_trainer,
     fit,
+    latent_store_callbacks,
     resume_path,
     seed_and_threads,
 )
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None):
     trainer = build_trainer(
         cfg,
         [
+            *latent_store_callbacks(cfg, datamodule, module),
             SampleGridLogger(**cfg.callbacks.samples),
             CounterfactualGridLogger(**OmegaConf.to_container(cfg.callbacks.counterfactuals, resolve=True)),
             GenerationMetricsLogger(**OmegaConf.to_container(cfg.callbacks.generation_metrics, resolve=True)),

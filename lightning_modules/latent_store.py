@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from lightning_modules.components import vae_scale_factor
 from lightning_modules.vae import posterior
@@ -124,16 +124,60 @@ class LatentEncoder(L.LightningModule):
         super().__init__()
         self.vae = vae.eval()
 
-    @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        dists = [posterior(self.vae, image[None]) for image in batch["image"]]
-        mean = torch.cat([d.mean for d in dists]).float().cpu()
-        return {"id": list(batch["id"]), "mean": mean, "std": torch.cat([d.std for d in dists]).float().cpu()}
+        mean, std = encode_batch(self.vae, batch["image"])
+        return {"id": list(batch["id"]), "mean": mean, "std": std}
+
+
+class Shard:
+    """One rank's shard: ``mean``/``std`` rows in memory-mapped ``.npy.part`` files, renamed when ``close``d, and its
+    ids; a shard is whole or absent."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], rank: int, count: int):
+        self.path, self.rank, self.count, self.ids = path, rank, count, []
+        self.names = {k: f"{k}-{rank:03d}.npy" for k in ("mean", "std")}
+        self.arrays = {
+            k: np.lib.format.open_memmap(path / f"{name}.part", "w+", np.float32, (count, *shape))
+            for k, name in self.names.items()
+        }
+
+    def write(self, ids: Sequence[str], mean: torch.Tensor, std: torch.Tensor) -> None:
+        rows = slice(len(self.ids), len(self.ids) + len(ids))
+        self.arrays["mean"][rows], self.arrays["std"][rows] = mean.numpy(), std.numpy()
+        self.ids.extend(ids)
+
+    def close(self) -> None:
+        if len(self.ids) != self.count:
+            raise RuntimeError(f"rank {self.rank} encoded {len(self.ids)} images for a shard of {self.count}")
+        for key, array in self.arrays.items():
+            array.flush()
+            os.replace(self.path / f"{self.names[key]}.part", self.path / self.names[key])
+        (self.path / f"ids-{self.rank:03d}.json").write_text(json.dumps(self.ids))
+
+
+def write_meta(path: Path, world_size: int, shape: tuple[int, int, int]) -> None:
+    """``meta.json``, last, once every shard is closed: the store is complete."""
+    shards = [
+        {"mean": f"mean-{r:03d}.npy", "std": f"std-{r:03d}.npy", "ids": f"ids-{r:03d}.json"} for r in range(world_size)
+    ]
+    (path / "meta.json.part").write_text(json.dumps({"shape": list(shape), "shards": shards}, indent=1))
+    os.replace(path / "meta.json.part", path / "meta.json")
+
+
+@torch.no_grad()
+def encode_batch(vae: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, H, W) -> posterior mean and std on the CPU, one image at a time (bits independent of batch-mates)."""
+    dists = [posterior(vae, image[None]) for image in images]
+    return torch.cat([d.mean for d in dists]).float().cpu(), torch.cat([d.std for d in dists]).float().cpu()
+
+
+def latent_shape(vae: torch.nn.Module, image_size: int) -> tuple[int, int, int]:
+    return (vae.config.latent_channels, *(image_size // vae_scale_factor(vae),) * 2)
 
 
 class ShardWriter(BasePredictionWriter):
-    """Each rank writes its rows into its own memory-mapped shard as batches come; rank zero writes ``meta.json``
-    after every rank has finished."""
+    """Each rank writes its rows into its own shard as batches come; rank zero writes ``meta.json`` after every
+    rank has finished."""
 
     def __init__(self, path: Path, shape: tuple[int, int, int]):
         super().__init__(write_interval="batch")
@@ -142,36 +186,55 @@ class ShardWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rank = trainer.global_rank
         count = len(shard(len(trainer.predict_dataloaders.dataset), trainer.world_size, rank))
-        self.names = {k: f"{k}-{rank:03d}.npy" for k in ("mean", "std")}
-        self.arrays = {
-            k: np.lib.format.open_memmap(self.path / f"{name}.part", "w+", np.float32, (count, *self.shape))
-            for k, name in self.names.items()
-        }
-        self.ids: list[str] = []
+        self.shard = Shard(self.path, self.shape, rank, count)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        rows = slice(len(self.ids), len(self.ids) + len(prediction["id"]))
-        for key, array in self.arrays.items():
-            array[rows] = prediction[key].numpy()
-        self.ids.extend(prediction["id"])
+        self.shard.write(prediction["id"], prediction["mean"], prediction["std"])
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rank = trainer.global_rank
-        if len(self.ids) != len(self.arrays["mean"]):
-            raise RuntimeError(f"rank {rank} encoded {len(self.ids)} images for a shard of {len(self.arrays['mean'])}")
-        for key, array in self.arrays.items():
-            array.flush()
-            os.replace(self.path / f"{self.names[key]}.part", self.path / self.names[key])
-        (self.path / f"ids-{rank:03d}.json").write_text(json.dumps(self.ids))
+        self.shard.close()
         trainer.strategy.barrier("latent store shards")
         if trainer.is_global_zero:
-            shards = [
-                {"mean": f"mean-{r:03d}.npy", "std": f"std-{r:03d}.npy", "ids": f"ids-{r:03d}.json"}
-                for r in range(trainer.world_size)
-            ]
-            meta = {"shape": list(self.shape), "shards": shards}
-            (self.path / "meta.json.part").write_text(json.dumps(meta, indent=1))
-            os.replace(self.path / "meta.json.part", self.path / "meta.json")
+            write_meta(self.path, trainer.world_size, self.shape)
+
+
+class StoreWriter(L.Callback):
+    """A DDP fit whose store is missing writes it as it starts: in ``setup`` (the process group exists, no data has
+    loaded yet) every rank encodes its share into its shard, rank zero writes ``meta.json``, and every rank then
+    trains from the store. The same shards as ``make encode-latents`` on as many devices."""
+
+    def __init__(self, path: Path, datamodule):
+        self.path, self.datamodule = path, datamodule
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not LatentStore.complete(self.path):
+            with writing_lock(self.path):
+                self.encode(trainer, pl_module.vae)
+        attach(pl_module, self.datamodule, self.path)
+
+    def encode(self, trainer: L.Trainer, vae: torch.nn.Module) -> None:
+        data, rank, world = self.datamodule, trainer.global_rank, trainer.world_size
+        self.path.mkdir(parents=True, exist_ok=True)
+        splits = ConcatDataset([data.dataset(s) for s in SPLITS])
+        indices = shard(len(splits), world, rank)
+        shape = latent_shape(vae, data.image_size)
+        out = Shard(self.path, shape, rank, len(indices))
+        vae = vae.to(trainer.strategy.root_device).eval()
+        for batch in DataLoader(Subset(splits, indices), batch_size=data.eval_batch_size, num_workers=data.num_workers):
+            out.write(list(batch["id"]), *encode_batch(vae, batch["image"].to(vae.device)))
+        out.close()
+        trainer.strategy.barrier("latent store shards")
+        if trainer.is_global_zero:
+            write_meta(self.path, world, shape)
+        trainer.strategy.barrier("latent store complete")
+
+
+def attach(module: L.LightningModule, datamodule, path: Path) -> None:
+    """Stage 2 reads its latents from the store at ``path``; the training split then serves no pixels."""
+    module.latent_store = LatentStore(path)
+    datamodule.stored_ids = set(module.latent_store.rows)
 
 
 class _Splits(L.LightningDataModule):
@@ -236,7 +299,7 @@ def encode(path: Path, vae: torch.nn.Module, datamodule, trainer_args: dict) -> 
 
 def _encode(path: Path, vae: torch.nn.Module, datamodule, trainer_args: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    shape = (vae.config.latent_channels, *(datamodule.image_size // vae_scale_factor(vae),) * 2)
+    shape = latent_shape(vae, datamodule.image_size)
     splits = _Splits(
         ConcatDataset([datamodule.dataset(s) for s in SPLITS]), datamodule.eval_batch_size, datamodule.num_workers
     )

@@ -120,8 +120,37 @@ def test_augmentation_and_a_store_are_refused_together(tiny_vae_dir, tmp_path):
     dm.has_random_augmentation = True
     with pytest.raises(ValueError, match="augmentations change the pixels every epoch"):
         latent_store(cfg, dm, load_vae(tiny_vae_dir))
-    with pytest.raises(ValueError, match="make encode-latents"):  # several ranks: the store must exist first
-        latent_store(cfg, _data(), load_vae(tiny_vae_dir), write=False)
+    path = latent_store(cfg, _data(), load_vae(tiny_vae_dir), write=False)  # several ranks write it as they start
+    assert not LatentStore.complete(path)
+
+
+@pytest.mark.slow
+def test_a_ddp_fit_writes_its_missing_store_on_every_rank_and_trains_from_it(tiny_vae_dir, tmp_path):
+    """`make train GPUS=2 ACCELERATOR=cpu ARGS=latent_store.enabled=true` with no store yet: the 2 ranks encode their
+    shards as the fit starts (the shards `make encode-latents` would write), then train from it."""
+    common = [
+        sys.executable,
+        "experiments/train.py",
+        *SMOKE,
+        f"model.vae.path={tiny_vae_dir}",
+        "data.num_train=7",
+        "data.num_val=3",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=0",
+        "latent_store.enabled=true",
+    ]
+    two = [*common, f"log_dir={tmp_path / 'two'}", "trainer.devices=2", "trainer.strategy=ddp"]
+    done = subprocess.run(two, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = LatentStore(next(p for p in (tmp_path / "two" / "latents").iterdir() if p.is_dir()))
+    assert len(store.means) == 2 and len(store) == 10
+    encode = [sys.executable, "experiments/encode_latents.py", *common[2:], f"log_dir={tmp_path / 'one'}"]
+    subprocess.run(encode, cwd=ROOT, check=True, capture_output=True)
+    one = LatentStore(next(p for p in (tmp_path / "one" / "latents").iterdir() if p.is_dir()))
+    ids = sorted(one.rows)
+    for a, b in zip(one.get(ids), store.get(ids), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert (tmp_path / "two" / "ldm" / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from configs import instantiate
 from datamodules.base import CXRDataModule
 from lightning_modules.checkpoints import AtomicCheckpointIO, frozen_fingerprint, newest_readable, read_checkpoint
 from lightning_modules.latent_diffusion import LatentDiffusionModule
-from lightning_modules.latent_store import LatentStore, files_signature, store_path
+from lightning_modules.latent_store import LatentStore, StoreWriter, attach, files_signature, store_path
 from lightning_modules.latent_store import encode as encode_store
 from lightning_modules.runs.cli import log
 from lightning_modules.runs.environment import environment
@@ -62,16 +62,24 @@ def build_latent_diffusion(cfg: DictConfig, datamodule: CXRDataModule, **overrid
         total_steps=cfg.trainer.max_steps,
         sampling={**model["sampling"], "normal_prompt": datamodule.normal_prompt},
     )
-    module = LatentDiffusionModule(**{**arguments, **overrides})
-    if OmegaConf.select(cfg, "latent_store.enabled", default=False):  # train.yaml's (the benchmark has none)
-        module.latent_store = LatentStore(latent_store(cfg, datamodule, module.vae, write=cfg.trainer.devices == 1))
-        datamodule.stored_ids = set(module.latent_store.rows)  # training batches then carry no pixels
-    return module
+    return LatentDiffusionModule(**{**arguments, **overrides})
+
+
+def latent_store_callbacks(cfg: DictConfig, datamodule: CXRDataModule, module: LatentDiffusionModule) -> list:
+    """With ``latent_store.enabled`` (train.yaml's), stage 2 reads its latents from the store: written now on one
+    device when missing; on several, by the run's own ranks as the fit starts (the ``StoreWriter`` returned)."""
+    if not OmegaConf.select(cfg, "latent_store.enabled", default=False):
+        return []
+    path = latent_store(cfg, datamodule, module.vae, write=cfg.trainer.devices == 1)
+    if not LatentStore.complete(path):
+        return [StoreWriter(path, datamodule)]
+    attach(module, datamodule, path)
+    return []
 
 
 def latent_store(cfg: DictConfig, datamodule: CXRDataModule, vae: torch.nn.Module, write: bool = True) -> Path:
-    """The store of this data and VAE (lightning_modules/latent_store.py), encoded now if it is missing and
-    ``write`` (one process; several ranks encode it with `make encode-latents`)."""
+    """The path of the store of this data and VAE (lightning_modules/latent_store.py), encoded now if it is missing
+    and ``write`` (one process; a DDP fit's ranks write it themselves, ``StoreWriter``)."""
     if datamodule.has_random_augmentation:
         raise ValueError(
             "latent_store.enabled=true with data.augmentations: augmentations change the pixels every epoch, so "
@@ -83,10 +91,7 @@ def latent_store(cfg: DictConfig, datamodule: CXRDataModule, vae: torch.nn.Modul
         log.info("latent store %s", path)
         return path
     if not write:
-        raise ValueError(
-            f"no latent store at {path} for this VAE and data yet: write it with `make encode-latents` and the same "
-            "arguments as this run (every rank encodes its share), then train"
-        )
+        return path
     log.warning("encoding the train and val splits into the latent store %s (once for this VAE and data)", path)
     trainer = {k: cfg.trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy")}
     return encode_store(path, vae, datamodule, trainer)
