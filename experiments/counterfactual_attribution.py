@@ -23,7 +23,7 @@ from pathlib import Path
 from lightning_modules.checkpoints import read_hparams
 from lightning_modules.runs import attribution
 from lightning_modules.runs.cli import load_config, run, write_csv, write_results
-from lightning_modules.runs.units import Parts, claim_output, run_units, set_threads
+from lightning_modules.runs.units import Parts, claim_output, fingerprint, run_units, set_threads
 from lightning_modules.settings import SamplingSettings
 
 
@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
         trials = attribution.tuning_trials(cfg, defaults) if cfg.tune.enabled else []
         inputs = attribution.load_inputs(cfg, int(hparams["image_size"]), methods)
         attribution.drop_unavailable(cfg, methods, inputs.notes)
-        claim_output(cfg, out)  # a folder holding another run is refused; this run's own is resumed
+        units = attribution.plan(cfg, inputs)
+        if not cfg.tune.enabled:  # a folder holding another run (settings, models, images) is refused; ours resumes
+            names = getattr(inputs.dataset, "ids", None)
+            identity = fingerprint([cfg.checkpoint, cfg.classifier_checkpoint], [units, names, list(methods)])
+            claim_output(cfg, out, identity)
     except ValueError as err:
         raise SystemExit(f"attribution: {err}") from None
     for note in inputs.notes:
@@ -55,9 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     parts = Parts(out)
     if (out / "results.csv").is_file() and not parts.done():
         print(f"{out} already holds this run's results (delete it to run again)")
-        return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+        return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {"rows": []}
     start = time.time()
-    units = attribution.plan(cfg, inputs)
     task = attribution.AttributionTask(cfg, methods, inputs, units)
     if not run_units(task, cfg, task.parts, lambda result: attribution.write_unit(cfg, result)):
         return {}  # another rank: rank zero merges

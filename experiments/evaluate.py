@@ -22,7 +22,7 @@ from typing import Any
 
 from lightning_modules.runs import evaluation
 from lightning_modules.runs.cli import load_config, run, write_results
-from lightning_modules.runs.units import Parts, claim_output, plan_units, run_units, set_threads
+from lightning_modules.runs.units import Parts, claim_output, fingerprint, plan_units, run_units, set_threads
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -31,14 +31,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         set_threads(cfg)  # checks the devices too
         request = evaluation.prepare(cfg)
-        claim_output(cfg, out)  # a folder holding another run is refused; this run's own is resumed
+        units = plan_units(request.indices, cfg.batch_size)
+        claim_output(cfg, out, fingerprint([cfg.checkpoint, cfg.classifier_checkpoint], units))  # ours resumes
     except ValueError as err:
         raise SystemExit(f"evaluate: {err}") from None
     parts = Parts(out)
     if (out / "metrics.json").is_file() and not parts.done():
         print(f"{out} already holds this run's results (delete it to run again)")
         return json.loads((out / "metrics.json").read_text())
-    units = plan_units(request.indices, cfg.batch_size)
     task = evaluation.EvaluationTask(cfg, request, units)
     if not run_units(task, cfg, parts, lambda result: None):  # the parts are the whole output
         return {}  # another rank: rank zero merges

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from lightning_modules.runs import induction
 from lightning_modules.runs.cli import load_config, run
-from lightning_modules.runs.units import RUNTIME_KEYS, Parts, claim_output, run_units, set_threads
+from lightning_modules.runs.units import RUNTIME_KEYS, Parts, claim_output, fingerprint, run_units, set_threads
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         set_threads(cfg)  # checks the devices too
         request = induction.prepare(cfg)
-        claim_output(cfg, out)  # a folder holding another run is refused; this run's own is resumed
+        units = induction.plan(len(request.inputs.ids), cfg.seeds, cfg.batch_size)
+        identity = fingerprint([cfg.checkpoint, cfg.classifier_checkpoint], [units, request.inputs.ids])
+        claim_output(cfg, out, identity)  # a folder holding another run is refused; this run's own is resumed
     except ValueError as err:  # RegionError included
         raise SystemExit(f"induction: {err}") from None
     inputs, parts = request.inputs, Parts(out)
@@ -44,7 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"inducing '{request.prompt}' in {len(inputs.ids)} image(s) x {len(cfg.seeds)} seed(s)")
 
     start = time.perf_counter()
-    units = induction.plan(len(inputs.ids), cfg.seeds, cfg.batch_size)
     task = induction.InductionTask(cfg, request, units)
     if not run_units(task, cfg, parts, lambda result: induction.write_unit(out, inputs, result)):
         return {}  # another rank: rank zero merges

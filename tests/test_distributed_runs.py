@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_modules.runs.units import Parts, claim_output, plan_units
+from lightning_modules.runs.units import Parts, claim_output, fingerprint, plan_units
 from tests.test_counterfactual_script import checkpoints  # noqa: F401 (the smoke checkpoints, a module fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +48,9 @@ def command(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa
 
 
 def files(out: Path) -> dict[str, bytes]:
-    """Every output file but the saved config (which records the process count)."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "config.yaml"}
+    """Every output file but the saved run (its config records the process count)."""
+    saved = ("config.yaml", "run.json")
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in saved}
 
 
 @pytest.fixture(scope="module")
@@ -164,17 +165,52 @@ def test_units_cover_every_index_once_on_any_number_of_ranks(tmp_path):
         shares = [parts.pending(len(units), rank, world) for rank in range(world)]
         assert sorted(u for share in shares for u in share) == list(range(4))  # no padding, no duplicate
     parts.commit(2, {"rows": []})
-    assert parts.done() == {2} and parts.pending(len(units), 0, 2) == [0]  # rank 0 of 2: units 0 and 2, 2 done
+    assert parts.done() == {2}  # what is left is dealt again: rank 0 of 2 takes units 0 and 3, rank 1 unit 1
+    assert parts.pending(len(units), 0, 2) == [0, 3] and parts.pending(len(units), 1, 2) == [1]
     with pytest.raises(RuntimeError, match="3 of 4 units have no results"):
         list(parts.load(4))
 
 
 def test_an_output_dir_holding_another_run_is_refused(tmp_path):
-    cfg = OmegaConf.create({"seed": 0, "devices": 1, "output_dir": str(tmp_path)})
-    claim_output(cfg, tmp_path)
-    claim_output(OmegaConf.merge(cfg, {"seed": 2}), tmp_path)  # nothing written but the config: replaced
-    claim_output(cfg, tmp_path)
-    Parts(tmp_path).commit(0, {"rows": []})
-    claim_output(OmegaConf.merge(cfg, {"devices": 4}), tmp_path)  # the same run on other devices: resumed
-    with pytest.raises(ValueError, match=r"holds a run with other settings \(seed differ"):
-        claim_output(OmegaConf.merge(cfg, {"seed": 1}), tmp_path)
+    model = tmp_path / "model.ckpt"
+    model.write_bytes(b"weights")
+    out = tmp_path / "out"
+    cfg = OmegaConf.create({"seed": 0, "devices": 1, "output_dir": str(out)})
+    ours = lambda: fingerprint([str(model)], [[0, 1], [2]])  # noqa: E731
+    claim_output(cfg, out, ours())
+    claim_output(OmegaConf.merge(cfg, {"seed": 2}), out, ours())  # nothing written but the config: replaced
+    claim_output(cfg, out, ours())
+    Parts(out).commit(0, {"rows": []})
+    claim_output(OmegaConf.merge(cfg, {"devices": 4}), out, ours())  # the same run on other devices: resumed
+    with pytest.raises(ValueError, match=r"holds a run with other settings or models \(seed differ"):
+        claim_output(OmegaConf.merge(cfg, {"seed": 1}), out, ours())
+    with pytest.raises(ValueError, match=r"\(plan differ"):
+        claim_output(cfg, out, fingerprint([str(model)], [[0], [1, 2]]))
+    model.write_bytes(b"retrained")  # another model at the same path
+    with pytest.raises(ValueError, match=r"\(files differ"):
+        claim_output(cfg, out, ours())
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "metrics.json").write_text("{}")  # results of something else, no run of ours
+    with pytest.raises(ValueError, match="already holds files .* but no run of ours"):
+        claim_output(cfg, tmp_path / "theirs", ours())
+
+
+@pytest.mark.slow
+def test_fewer_units_than_ranks_leaves_a_rank_idle_not_failing(checkpoints, tmp_path):  # noqa: F811
+    out = tmp_path / "one_unit"
+    run = [
+        sys.executable,
+        "experiments/zero_shot_induction.py",
+        "experiment=smoke",
+        f"checkpoint={checkpoints['checkpoint']}",
+        f"classifier_checkpoint={checkpoints['classifier_checkpoint']}",
+        f"output_dir={out}",
+        "num_images=1",
+        "seeds=[0]",
+        "induction.num_inference_steps=2",
+        "finding=effusion",
+        "devices=2",
+    ]
+    done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads((out / "metrics.json").read_text())["per_sample"]) == 1

@@ -69,12 +69,12 @@ def test_evaluate_writes_the_per_class_table_with_its_settings(run, tmp_path, ca
         [
             f"checkpoint={checkpoint}",
             f"classifier_checkpoint={classifier}",
-            f"output_dir={tmp_path}",
+            f"output_dir={tmp_path / 'out'}",
             *FAST,
             "generation.guidance_scale=6",
         ]
     )
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"])) and saved["num_images"] == 8
     results = saved["results"]
     assert list(results) == ["overall", "Normal", *FINDINGS]
@@ -101,7 +101,7 @@ def test_evaluate_writes_the_per_class_table_with_its_settings(run, tmp_path, ca
     }
     assert settings["ms_ssim"]["scales"] == 3 and "fid_domain" in settings["fid_extractors"]
 
-    table = (tmp_path / "metrics.md").read_text()
+    table = (tmp_path / "out" / "metrics.md").read_text()
     assert table in capsys.readouterr().out
     assert "| Class | n | FID (Inception) ↓ | FID (domain) ↓ | SSIM ↑ | MS-SSIM ↑ |" in table
     assert "| **overall** | 8 |" in table and "3 scales, 11-px" in table
@@ -124,16 +124,16 @@ def test_evaluate_without_a_classifier_skips_prompt_fidelity_with_a_note(run, tm
     report = evaluate.main(
         [
             f"checkpoint={log_dir / 'ldm' / 'checkpoints' / 'last.ckpt'}",
-            f"output_dir={tmp_path}",
+            f"output_dir={tmp_path / 'out'}",
             f"classifier_checkpoint={tmp_path / 'none.ckpt'}",
             *FAST,
             "num_images=2",
         ]
     )
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert "prompt_fidelity" in saved and saved["prompt_fidelity"] is None
     assert f"prompt_fidelity skipped: no classifier checkpoint at {tmp_path / 'none.ckpt'}" in report["notes"][-1]
-    assert "Prompt fidelity" not in (tmp_path / "metrics.md").read_text()
+    assert "Prompt fidelity" not in (tmp_path / "out" / "metrics.md").read_text()
 
 
 def test_evaluate_with_a_classifier_of_other_findings_keeps_fid_domain_and_skips_prompt_fidelity(run, tmp_path):
@@ -144,7 +144,7 @@ def test_evaluate_with_a_classifier_of_other_findings_keeps_fid_domain_and_skips
     report = evaluate.main(
         [
             f"checkpoint={log_dir / 'ldm' / 'checkpoints' / 'last.ckpt'}",
-            f"output_dir={tmp_path}",
+            f"output_dir={tmp_path / 'out'}",
             f"classifier_checkpoint={other}",
             *FAST,
             "num_images=2",
@@ -247,7 +247,7 @@ def test_bad_requests_stop_before_any_model_is_loaded(override, message, tmp_pat
         },
         checkpoint,
     )
-    argv = [f"checkpoint={checkpoint}", f"output_dir={tmp_path}", override]
+    argv = [f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'out'}", override]
     if message is None:
         with pytest.raises(AssertionError, match="a model was loaded"):
             evaluate.main(argv)

@@ -9,6 +9,8 @@ the merged results those of a one-process run. The parts are deleted once merged
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import warnings
@@ -57,8 +59,8 @@ class Parts:
         return {int(p.stem) for p in self.folder.glob("*.pt")} if self.folder.is_dir() else set()
 
     def pending(self, num_units: int, rank: int, world_size: int) -> list[int]:
-        done = self.done()
-        return [u for u in range(rank, num_units, world_size) if u not in done]
+        left = sorted(set(range(num_units)) - self.done())
+        return left[rank::world_size]  # the same on every rank: each lists the parts before any rank commits
 
     def commit(self, unit: int, payload: dict) -> None:
         """Written under a temporary name, then renamed: a part file is whole or absent."""
@@ -80,39 +82,73 @@ class Parts:
             yield torch.load(self.path(unit), map_location="cpu", weights_only=True)
 
 
-def claim_output(cfg: DictConfig, out: Path) -> None:
-    """Save the run's config in ``out``, or check that the run already there is this one (then it resumes): a folder
-    holding another run's results is refused, never mixed or overwritten. ``RUNTIME_KEYS`` may differ. A run that
-    wrote nothing but its config (it failed at the start) is replaced."""
-    saved = out / "config.yaml"
-    current = OmegaConf.to_container(cfg, resolve=True)
-    if saved.is_file() and any(p.name != saved.name for p in out.iterdir()):
-        before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-        changed = sorted(
-            k for k in set(before) | set(current) if k not in RUNTIME_KEYS and before.get(k) != current.get(k)
+def launch_rank_zero() -> bool:
+    """True in the one process that starts the run: before DDP exists, a process launched on another node by hand
+    (``NODE_RANK``) or by a launcher (``RANK``, ``LOCAL_RANK``) is not it."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") in ("", "0")
+
+
+def fingerprint(paths: list[str | None], units: list) -> dict:
+    """What a run's results depend on beyond its config: each model file's size and modification time, the units."""
+    files = {str(p): [Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths if p and Path(p).is_file()}
+    plan = hashlib.sha256(json.dumps(units).encode()).hexdigest()[:16]
+    return {"files": files, "units": len(units), "plan": plan}
+
+
+def claim_output(cfg: DictConfig, out: Path, identity: dict) -> None:
+    """Save the run's config and ``identity`` (``fingerprint``) in ``out``, or check that the run already there is
+    this one (then it resumes): a folder holding another run's results, or any files without a saved run, is
+    refused, never mixed or overwritten. ``RUNTIME_KEYS`` may differ. A run that wrote nothing but its config (it
+    failed at the start) is replaced."""
+    saved, ours = out / "config.yaml", {"config.yaml", "run.json"}
+    current = {"config": OmegaConf.to_container(cfg, resolve=True), **identity}
+    written = (
+        [p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in ours] if out.is_dir() else []
+    )
+    if written and not saved.is_file():
+        raise ValueError(
+            f"output_dir={out} already holds files ({', '.join(sorted(written)[:3])}, ...) but no run of ours: "
+            "choose another output_dir"
         )
+    if written:
+        try:
+            before = json.loads((out / "run.json").read_text())
+        except (OSError, ValueError):
+            before = {"config": OmegaConf.to_container(OmegaConf.load(saved), resolve=True)}
+        config = {k for k in set(before["config"]) | set(current["config"]) if k not in RUNTIME_KEYS}
+        changed = sorted(k for k in config if before["config"].get(k) != current["config"].get(k))
+        changed += [k for k in ("files", "units", "plan") if before.get(k) != current.get(k)]
         if changed:
             raise ValueError(
-                f"output_dir={out} holds a run with other settings ({', '.join(changed)} differ): choose another "
-                "output_dir, or delete that folder to start over"
+                f"output_dir={out} holds a run with other settings or models ({', '.join(changed)} differ): choose "
+                "another output_dir, or delete that folder to start over"
             )
-    elif rank_zero_only.rank == 0:  # the other ranks start later, when rank zero calls predict
+    elif launch_rank_zero():  # the other ranks start later, when rank zero calls predict
         out.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, saved, resolve=True)
+        for name, text in (("config.yaml", OmegaConf.to_yaml(cfg, resolve=True)), ("run.json", json.dumps(current))):
+            tmp = out / f".{name}.{os.getpid()}"
+            tmp.write_text(text)
+            os.replace(tmp, out / name)
 
 
 def trainer_args(cfg: DictConfig) -> dict:
     """The predict Trainer's devices from the run's ``device`` (cpu | cuda | gpu), ``devices`` and ``num_nodes``;
     more than one process is DDP (gloo on the CPU)."""
-    accelerator = "gpu" if str(cfg.device).startswith(("cuda", "gpu")) else str(cfg.device)
+    device = str(cfg.device)
+    accelerator = "gpu" if device.startswith(("cuda", "gpu")) else device
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device}, but torch sees no CUDA GPU: run with device=cpu (GPUS=0)")
     if cfg.devices < 1 or cfg.num_nodes < 1:
         raise ValueError("devices and num_nodes must be positive")
+    devices: int | list[int] = cfg.devices
+    if accelerator == "gpu" and ":" in device:  # cuda:1: that one GPU
+        if cfg.devices > 1:
+            raise ValueError(f"device={device} names one GPU: use device=cuda with devices={cfg.devices}")
+        devices = [int(device.split(":")[1])]
     many = cfg.devices * cfg.num_nodes > 1
     return {
         "accelerator": accelerator,
-        "devices": cfg.devices,
+        "devices": devices,
         "num_nodes": cfg.num_nodes,
         "strategy": "ddp" if many else "auto",
     }
@@ -123,7 +159,9 @@ def set_threads(cfg: DictConfig) -> None:
     default of all of them in each: oversubscribed cores slow every process down)."""
     processes = cfg.devices if trainer_args(cfg)["accelerator"] == "cpu" else 1
     if cfg.num_threads or processes > 1:
-        torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // processes))
+        threads = cfg.num_threads or max(1, len(os.sched_getaffinity(0)) // processes)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # Lightning's launcher resets the threads of DDP ranks unless set
 
 
 class PartWriter(BasePredictionWriter):
@@ -153,8 +191,9 @@ def run_units(module: L.LightningModule, cfg: DictConfig, parts: Parts, write_ou
         enable_progress_bar=bool(cfg.progress),
         callbacks=[PartWriter(parts, write_outputs)],
     )
+    module.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may have no unit left
     trainer.predict(module, return_predictions=False)
-    trainer.strategy.barrier("parts committed")  # here, not in a hook: a rank with no unit left runs no hook
+    trainer.strategy.barrier("parts committed")  # every rank's parts are on disk before rank zero merges
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # the merge is local: metrics must not try to sync
     return trainer.is_global_zero
