@@ -277,7 +277,13 @@ class XRayDataset(Dataset):
         """Serve prompts, labels and ids only, for images whose latents ``stored`` holds: the files are not opened.
         An image the store lacks (it failed to decode when the store was written) is skipped like a bad file."""
         self.pixels = False
-        self.bad_files.update({key: "not in the latent store" for key in self.ids if key not in stored})
+        missing = [key for key in self.ids if key not in stored]
+        if missing and self.on_bad_file == "error":
+            raise ValueError(
+                f"the latent store lacks {len(missing)} images of this split (first: {missing[0]}, unreadable when "
+                "it was written): set data.on_bad_file=skip to train without them"
+            )
+        self.bad_files.update(dict.fromkeys(missing, "not in the latent store"))
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -22,8 +22,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: thi
 def check(cfg: DictConfig) -> None:
     if not Path(cfg.checkpoint).is_file():
         raise SystemExit(f"app: no checkpoint at {cfg.checkpoint}: run `make demo` first, or give CHECKPOINT=...")
-    if not 0 < int(cfg.port) < 65536 or cfg.max_upload_mb <= 0 or cfg.examples < 0:
-        raise SystemExit("app: port must be in 1..65535, max_upload_mb and examples positive")
+    if not 0 < int(cfg.port) < 65536 or cfg.max_upload_mb <= 0 or cfg.examples < 2:
+        raise SystemExit("app: port must be in 1..65535, max_upload_mb positive and examples at least 2")
 
 
 def serve(cfg: DictConfig, block: bool = True):

@@ -12,6 +12,7 @@ changed VAE, image size or transform finds another, empty store, never a stale o
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -209,8 +210,8 @@ class StoreWriter(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not LatentStore.complete(self.path):
-            with writing_lock(self.path):
+        with writing_lock(self.path):
+            if not LatentStore.complete(self.path):  # every rank sees the same: none has written yet
                 self.encode(trainer, pl_module.vae)
         attach(pl_module, self.datamodule, self.path)
 
@@ -251,42 +252,31 @@ class _Splits(L.LightningDataModule):
 
 @contextlib.contextmanager
 def writing_lock(path: Path) -> Iterator[None]:
-    """``<store>.lock`` while the store is written, taken by rank zero (the other ranks of its run start later): a
-    second run asked to write the same store is refused, not let to write the same files. A lock left by a process
-    of this machine that no longer runs is taken over."""
-    if rank_zero_only.rank != 0:
+    """An exclusive ``flock`` on ``<store>.lock`` while the store is written, taken by the launching process (the
+    other ranks of its run start later, or are not rank zero): a second run asked to write the same store is refused,
+    not let to write the same files. The kernel releases the lock when its holder dies, so none goes stale."""
+    if rank_zero_only.rank != 0 or os.environ.get("NODE_RANK", "0") not in ("", "0"):
         yield
         return
     lock = path.with_name(path.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    owner = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
+    with open(lock, "a+") as fh:
         try:
-            with open(lock, "x") as fh:
-                fh.write(owner)
-            break
-        except FileExistsError:
-            host, _, pid = lock.read_text().partition(" ")
-            if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
-                raise ValueError(
-                    f"another run ({host}, pid {pid}) is writing the latent store {path}: wait for it to finish, then "
-                    f"start this one (or delete {lock} if that run is gone)"
-                ) from None
-            lock.unlink(missing_ok=True)  # its writer died: the store is incomplete, write it again
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise ValueError(
+                f"another run ({fh.read().strip() or 'starting'}) is writing the latent store {path}: wait for it to "
+                "finish, then start this one"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{socket.gethostname()} pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def encode(path: Path, vae: torch.nn.Module, datamodule, trainer_args: dict) -> Path:
@@ -294,6 +284,8 @@ def encode(path: Path, vae: torch.nn.Module, datamodule, trainer_args: dict) -> 
     ``trainer_args`` (accelerator, devices, strategy, num_nodes: every rank encodes its share), under
     ``writing_lock``."""
     with writing_lock(path):
+        if LatentStore.complete(path):  # written by the run that held the lock before us
+            return path
         return _encode(path, vae, datamodule, trainer_args)
 
 

@@ -102,15 +102,22 @@ def test_a_store_being_written_is_not_written_by_a_second_run(tmp_path):
     from lightning_modules.latent_store import writing_lock
 
     path = tmp_path / "store"
-    with writing_lock(path):
-        assert path.with_name("store.lock").read_text().endswith(f" {__import__('os').getpid()}")
-        with pytest.raises(ValueError, match="another run .* is writing the latent store"):
+    holder = [
+        sys.executable,
+        "-c",
+        f"from pathlib import Path; from lightning_modules.latent_store import writing_lock; import time\n"
+        f"with writing_lock(Path({str(path)!r})):\n    print('held', flush=True); time.sleep(60)",
+    ]
+    other = subprocess.Popen(holder, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"another run .*pid {other.pid}.* is writing the latent store"):
             with writing_lock(path):
                 pass
-    assert not path.with_name("store.lock").exists()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    path.with_name("store.lock").write_text(f"{__import__('socket').gethostname()} {dead.stdout.strip()}")
-    with writing_lock(path):  # its writer is gone: taken over
+    finally:
+        other.kill()
+        other.wait()
+    with writing_lock(path):  # its holder is gone: the kernel released the lock
         pass
 
 
@@ -167,7 +174,9 @@ def test_two_processes_write_the_store_one_process_writes(tiny_vae_dir, tmp_path
     subprocess.run([*common, f"log_dir={tmp_path / 'one'}"], cwd=ROOT, check=True, capture_output=True)
     two = [*common, f"log_dir={tmp_path / 'two'}", "trainer.devices=2", "trainer.strategy=ddp"]
     subprocess.run(two, cwd=ROOT, check=True, capture_output=True)
-    one, two = (LatentStore(next((tmp_path / run / "latents").iterdir())) for run in ("one", "two"))
+    one, two = (
+        LatentStore(next(p for p in (tmp_path / run / "latents").iterdir() if p.is_dir())) for run in ("one", "two")
+    )
     assert len(one.means) == 1 and len(two.means) == 2 and one.rows.keys() == two.rows.keys()
     assert sum(len(m) for m in two.means) == 10  # no image twice, none missing
     ids = sorted(one.rows)

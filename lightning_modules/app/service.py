@@ -159,11 +159,10 @@ class Explorer:
         )
         inputs = induction.Inputs(["upload"], image, torch.from_numpy(mask)[None, None])
         request = induction.Request(settings, region, text, inputs)
-        probability = (
-            induction.finding_probability(self.cfg.classifier_checkpoint, finding, self.cfg.device)
-            if self.classifier is not None
-            else None
-        )
+        probability = None
+        if self.classifier is not None and finding in self.classifier.output_names:  # the classifier loaded once
+            column = self.classifier.index(finding)
+            probability = lambda x: self.classifier.probabilities(x.to(self.cfg.device))[:, column].cpu()  # noqa: E731
         induced, records = induction.induce(self.pipeline, request, int(seed), [0], probability)
         scores = records[0]["scores"]
         return Induced(
@@ -180,7 +179,7 @@ class Explorer:
         """``count`` test phantoms (the first abnormal and normal ones, alternating) written as PNGs to ``folder``."""
         from PIL import Image
 
-        dataset = instantiate(compose("induction", [f"data.image_size={self.size}"]).data).dataset("test")
+        dataset = self.data.dataset("test")
         folder.mkdir(parents=True, exist_ok=True)
         abnormal = [i for i in range(len(dataset)) if dataset.findings(i)][: (count + 1) // 2]
         normal = [i for i in range(len(dataset)) if not dataset.findings(i)][: count // 2]

@@ -4,6 +4,8 @@ be served answers with one line in the page (``gr.Error``) and the server keeps 
 
 from __future__ import annotations
 
+import functools
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +61,24 @@ def probability(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def answered(handler: Callable) -> Callable:
+    """An error the user can cause (a bad file, region or setting) as one line in the page, not a server error."""
+
+    @functools.wraps(handler)
+    def run(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except (ValueError, LookupError, OSError) as err:
+            raise gr.Error(" ".join(str(err).split()), print_exception=False) from None
+
+    return run
+
+
+def mkdirs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 # 2. progress: the UNet's calls counted while a request runs -----------------------------------------------------------
 class StepCounter:
     """A forward hook on the UNet that reports "denoising step k / n" to Gradio's progress bar."""
@@ -99,14 +119,13 @@ def build(explorer: Explorer, examples: list[Example], out: Path) -> gr.Blocks:
             return explorer.read(by_name[example].path), by_name[example]
         raise ValueError("upload an X-ray or pick an example first")
 
+    @answered
     def run_counterfactual(upload, example, method, amount, guidance, steps, seed, progress=gr.Progress()):  # noqa: B008 (how Gradio injects its tracker)
-        try:
-            image, _ = source(upload, example)
-            with StepCounter(explorer.pipeline.unet, expected_steps(method, amount, int(steps)), progress):
-                result = explorer.counterfactual(image, method, amount, guidance, int(steps), int(seed))
-        except (ValueError, LookupError, OSError) as err:
-            raise gr.Error(" ".join(str(err).split()), print_exception=False) from None
-        folder = Path(tempfile.mkdtemp(dir=out))
+        image, _ = source(upload, example)
+        with StepCounter(explorer.pipeline.unet, expected_steps(method, amount, int(steps)), progress):
+            result = explorer.counterfactual(image, method, amount, guidance, int(steps), int(seed))
+        shutil.rmtree(out, ignore_errors=True)  # the previous request's downloads: the folder does not grow
+        folder = Path(tempfile.mkdtemp(dir=mkdirs(out)))
         overlay = overlay_with_bar(result.image01, result.map, cfg.vmax, cfg.cmap)
         files = [
             save_gray_png(folder / "counterfactual.png", result.counterfactual01),
@@ -120,15 +139,13 @@ def build(explorer: Explorer, examples: list[Example], out: Path) -> gr.Blocks:
         )
         return enlarge(result.image01), enlarge(result.counterfactual01), overlay, scores, [str(f) for f in files]
 
+    @answered
     def run_induction(upload, example, finding, zone, box, prompt, guidance, steps, seed, progress=gr.Progress()):  # noqa: B008 (how Gradio injects its tracker)
-        try:
-            image, chosen = source(upload, example)
-            lung = chosen.lung_mask if chosen is not None else None
-            zone = None if zone == "none" else zone
-            with StepCounter(explorer.pipeline.unet, expected_steps("induce", 1.0, int(steps)), progress):
-                result = explorer.induce(image, finding, zone, box, prompt, guidance, int(steps), int(seed), lung)
-        except (ValueError, LookupError, OSError) as err:
-            raise gr.Error(" ".join(str(err).split()), print_exception=False) from None
+        image, chosen = source(upload, example)
+        lung = chosen.lung_mask if chosen is not None else None
+        zone = None if zone == "none" else zone
+        with StepCounter(explorer.pipeline.unet, expected_steps("induce", 1.0, int(steps)), progress):
+            result = explorer.induce(image, finding, zone, box, prompt, guidance, int(steps), int(seed), lung)
         scores = (
             f"prompt: *{result.prompt}*  \nclassifier p({finding}): before **{probability(result.p_before)}**, "
             f"after **{probability(result.p_after)}**"
@@ -144,12 +161,10 @@ def build(explorer: Explorer, examples: list[Example], out: Path) -> gr.Blocks:
             return None, None
         return enlarge(to_unit_range(image)[0, 0].numpy()), None
 
+    @answered
     def pick(upload, example, first, evt: gr.SelectData):
         """A click on the picture: the first corner, then the second, which writes the box (model pixels)."""
-        try:
-            image01 = to_unit_range(source(upload, example)[0])[0, 0].numpy()
-        except (ValueError, LookupError, OSError) as err:
-            raise gr.Error(" ".join(str(err).split()), print_exception=False) from None
+        image01 = to_unit_range(source(upload, example)[0])[0, 0].numpy()
         scale = explorer.size / max(TILE, explorer.size)  # the picture is enlarged to TILE px
         x, y = (min(explorer.size - 1, int(v * scale)) for v in evt.index[:2])
         if first is None:
@@ -175,7 +190,8 @@ def build(explorer: Explorer, examples: list[Example], out: Path) -> gr.Blocks:
     start = explorer.defaults("sdedit")
     abnormal = [e.name for e in examples if e.abnormal]
     normal = [e.name for e in examples if not e.abnormal]
-    with gr.Blocks(title="VALD: healthy counterfactuals and attribution maps") as page:
+    # Gradio's copies of results older than an hour are deleted every hour: a long-running app's disk does not grow
+    with gr.Blocks(title="VALD: healthy counterfactuals and attribution maps", delete_cache=(3600, 3600)) as page:
         gr.Markdown(
             "## VALD: healthy counterfactuals and attribution maps\n"
             f"Model `{cfg.checkpoint}`, {explorer.size} px; classifier "
@@ -204,6 +220,8 @@ def build(explorer: Explorer, examples: list[Example], out: Path) -> gr.Blocks:
                 run_counterfactual,
                 [upload, example, method, amount, guidance, steps, seed],
                 [shown_input, shown_cf, shown_map, scores, downloads],
+                concurrency_id="model",  # both tabs share one queue: one request on the model at a time
+                concurrency_limit=1,
             )
         with gr.Tab("Induction"):
             with gr.Row():
@@ -244,5 +262,7 @@ def build(explorer: Explorer, examples: list[Example], out: Path) -> gr.Blocks:
                 run_induction,
                 [upload_n, example_n, finding, zone, box, prompt, guidance_n, steps_n, seed_n],
                 [region_shown, induced_shown, difference_shown, scores_n],
+                concurrency_id="model",
+                concurrency_limit=1,
             )
     return page

@@ -74,11 +74,12 @@ def attribution_scaling(bench, folder: Path, settings: dict) -> dict:
             f"devices={processes}",
         ]
         start = time.perf_counter()
-        subprocess.run(
-            command, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-        )
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        ids = [row["id"] for row in csv.DictReader(open(out / "results.csv"))]
+        if done.returncode:
+            raise RuntimeError(f"attribution on {processes} processes failed: {done.stderr[-2000:]}")
+        with open(out / "results.csv") as fh:
+            ids = [row["id"] for row in csv.DictReader(fh)]
         if sorted(ids) != sorted(p.stem for p in images.iterdir()):
             raise RuntimeError(f"{processes} processes: results.csv does not list every image exactly once")
         runs[processes] = {"seconds": seconds, "images_per_second": cfg.images / seconds}
