@@ -32,6 +32,8 @@ LINES = (
     "matmul_peak",
     "latents_from_files",
     "latents_from_store",
+    "prompts_template",
+    "prompts_free_text",
 )
 KEYS = {
     "train_speedup_vs_plain",
@@ -54,6 +56,7 @@ KEYS = {
     "quick",
     "latent_store",
     "attribution_scaling",
+    "prompt_cache",
 }
 LINE_KEYS = {
     "what",
@@ -274,3 +277,15 @@ def test_attribution_scaling_is_two_timed_runs_of_the_users_command(quick):
     assert scaling["speedup_2_vs_1"] == pytest.approx(one["seconds"] / two["seconds"])
     assert scaling["efficiency"] == pytest.approx(scaling["speedup_2_vs_1"] / 2)
     assert f"**{scaling['speedup_2_vs_1']:.2f}x**, scaling efficiency" in markdown
+
+
+def test_the_prompt_cache_stays_bounded_with_free_text_and_its_rates_are_measured(quick):
+    _, result, markdown = quick
+    cache, lines = result["prompt_cache"], result["lines"]
+    assert cache["entries_after"] == cache["cache_size"]  # more reports than it may hold: the oldest went
+    assert cache["cache_bytes"] == cache["entries_after"] * cache["bytes_per_entry"]
+    assert cache["free_text_vs_template"] == pytest.approx(
+        lines["prompts_free_text"]["median"] / lines["prompts_template"]["median"]
+    )
+    assert cache["free_text_vs_template"] < 1  # an encoder pass costs more than a lookup
+    assert "prompt embeddings: free-text reports seen once" in markdown

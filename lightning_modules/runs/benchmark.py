@@ -50,6 +50,7 @@ from lightning_modules.latent_diffusion import LatentDiffusionModule, drop_promp
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.prompt_encoder import NULL_PROMPT, PromptEncoder
 from lightning_modules.runs.environment import environment
+from lightning_modules.runs.prompt_bench import prompt_lines
 from lightning_modules.runs.scaling_bench import attribution_scaling
 from lightning_modules.runs.store_bench import store_lines
 from lightning_modules.runs.timing import (
@@ -89,6 +90,8 @@ QUICK = [
     "store.memory_counts=[500,4000]",
     "scaling.images=4",
     "scaling.batch_size=1",
+    "prompts.batch_size=8",
+    "model.prompt_encoder.cache_size=64",
 ]
 
 #: UNet variants timed beside the plain float32 forward + backward: what `make bench` says before we turn one on
@@ -493,6 +496,8 @@ def run(cfg: DictConfig, settings: dict[str, CounterfactualSettings], quick: boo
         lines += counterfactual + flop_lines(bench)
         store, store_memory = store_lines(bench)
         lines += store
+        prompts, prompt_cache = prompt_lines(bench)
+        lines += prompts
         scaling = attribution_scaling(bench, Path(tmp) / "scaling", settings)
     result = report(cfg, lines, checks, device, (load, os.getloadavg()), time.perf_counter() - start)
     by = {line.name: line for line in lines}
@@ -501,6 +506,10 @@ def run(cfg: DictConfig, settings: dict[str, CounterfactualSettings], quick: boo
         "memory": store_memory,
     }
     result["attribution_scaling"] = scaling
+    result["prompt_cache"] = {
+        **prompt_cache,
+        "free_text_vs_template": by["prompts_free_text"].median / by["prompts_template"].median,
+    }
     result["counterfactual_settings"] = {method: s.asdict() for method, s in settings.items()}
     result["quick"] = quick
     return result
@@ -577,6 +586,21 @@ def store_notes(store: dict) -> list[str]:
     ]
 
 
+def by_name(result: dict) -> dict:
+    return result["lines"]
+
+
+def prompt_note(cache: dict, lines: dict) -> str:
+    return (
+        f"- prompt embeddings: free-text reports seen once {lines['prompts_free_text']['median']:.0f} prompts/s, "
+        f"template prompts from the cache {lines['prompts_template']['median']:.0f} prompts/s "
+        f"({cache['free_text_vs_template']:.3f}x); after more distinct reports than `cache_size` "
+        f"{cache['cache_size']}, the cache holds {cache['entries_after']} embeddings, "
+        f"{cache['cache_bytes'] / 2**20:.0f} MB ({cache['bytes_per_entry'] / 1024:.0f} KB each; unbounded, MIMIC-CXR's "
+        f"227,835 reports would take {cache['unbounded_mimic_bytes'] / 2**30:.1f} GB)"
+    )
+
+
 def scaling_note(scaling: dict) -> str:
     one, two = scaling["processes"]["1"], scaling["processes"]["2"]
     return (
@@ -644,6 +668,7 @@ def markdown(result: dict) -> str:
             ),
             *store_notes(result["latent_store"]),
             scaling_note(result["attribution_scaling"]),
+            prompt_note(result["prompt_cache"], by_name(result)),
             f"- peak memory: {result['memory_method']}, over the last warm-up call",
             f"- training batch {settings['data']['batch_size']}; counterfactual batch "
             f"{settings['counterfactual']['batch_size']}, sdedit {counterfactual['sdedit']}, "
