@@ -107,7 +107,7 @@ tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1 --port $(or $(PORT),6006)
 
 # training and counterfactual throughput against the diffusers references -> outputs/bench/bench.{json,md}
-# (about 4 min on 2 cores, 2 of them compiling; ARGS="compile=false" for the eager lines only)
+# (about 5-7 min on 2 cores, 2 of them compiling; ARGS="compile=false" for the eager lines only)
 bench: $(STAMP)
 	$(PY) experiments/benchmark.py $(ARGS)
 
