@@ -372,7 +372,7 @@ def test_make_train_on_gpus_trains_the_gpu_model_unless_told_otherwise(variables
     import subprocess
 
     for target in ("train-autoencoder", "train-classifier", "train"):
-        command = ["make", "-n", target, *variables, "STAMP=/dev/null"]
+        command = ["make", "--no-print-directory", "-n", target, *variables, "STAMP=/dev/null"]
         words = subprocess.run(
             command, cwd=CONFIG_DIR.parent, capture_output=True, text=True, check=True
         ).stdout.split()
@@ -397,7 +397,7 @@ def test_make_attribute_and_induce_spread_over_the_devices_asked_for(variables, 
 
     for target, config in (("attribute", "attribution"), ("induce", "induction"), ("evaluate", "evaluate")):
         line = subprocess.run(
-            ["make", "-n", target, *variables, "STAMP=/dev/null"],
+            ["make", "--no-print-directory", "-n", target, *variables, "STAMP=/dev/null"],
             cwd=CONFIG_DIR.parent,
             capture_output=True,
             text=True,
