@@ -214,7 +214,15 @@ def test_names_differing_in_case_or_extension_stay_distinct_samples(tmp_path, ca
 
 def test_a_dataset_root_with_spaces_reaches_the_config_whole():
     out = subprocess.run(
-        ["make", "--no-print-directory", "-n", "train", "DATA=covid_radiography", "DATA_ROOT=/data/dir with space", "STAMP=/dev/null"],
+        [
+            "make",
+            "--no-print-directory",
+            "-n",
+            "train",
+            "DATA=covid_radiography",
+            "DATA_ROOT=/data/dir with space",
+            "STAMP=/dev/null",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
