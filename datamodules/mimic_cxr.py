@@ -3,9 +3,12 @@
 Images: ``files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg``; the official metadata (``ViewPosition`` selects frontal
 views), split (``train`` / ``validate`` / ``test``) and CheXpert-labeller CSVs beside them, plain or ``.gz``. Reports:
 ``files/pXX/pXXXXXXXX/sXXXXXXXX.txt`` under ``reports_root`` (the unzipped ``mimic-cxr-reports``; default: the image
-root). The prompt is the report's FINDINGS and/or IMPRESSION section (``sections``), cleaned of the de-identification
-placeholders ``___`` and cut at a word boundary to ``max_prompt_tokens`` tokens of the prompt encoder's tokenizer
-(how many were cut is logged); a study without those sections, or without a report, is prompted by its labels.
+root). The prompt is the report's IMPRESSION and/or FINDINGS section (``sections``, in that order by default: the
+impression is the radiologist's summary, and a normal study's says "No acute cardiopulmonary process", the normal
+target's wording, so both survive a short prompt encoder), cleaned of the de-identification placeholders ``___`` and
+cut at a word boundary to ``max_prompt_tokens`` tokens of the prompt encoder's tokenizer, its special tokens included
+as the encoder counts them (how many were cut is logged); a study without those sections, or without a report, is
+prompted by its labels.
 Labels: the 13 CheXpert findings ("No Finding" is none), 1 / 0 / -1 / blank, under the ``uncertain`` policy.
 """
 
@@ -68,7 +71,7 @@ class MimicCXRDataModule(FileDataModule):
         self,
         root: str | None,
         reports_root: str | None = None,
-        sections: Sequence[str] = SECTIONS,
+        sections: Sequence[str] = ("impression", "findings"),
         views: Sequence[str] | None = ("PA", "AP"),
         uncertain: str = "ignore",
         max_prompt_tokens: int | None = 64,
@@ -165,18 +168,19 @@ class MimicCXRDataModule(FileDataModule):
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer))
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        budget = self.max_prompt_tokens - tokenizer.num_special_tokens_to_add()  # the encoder adds [CLS], [SEP]
         out, cut = [], 0
         for text, offsets in zip(texts, encoded["offset_mapping"], strict=True):
-            if len(offsets) <= self.max_prompt_tokens:
+            if len(offsets) <= budget:
                 out.append(text)
                 continue
-            end = offsets[self.max_prompt_tokens - 1][1]
+            end = offsets[budget - 1][1]
             inside_word = text[end].isalnum() and text[end - 1].isalnum()  # the limit falls in a word: drop it whole
             out.append(text[:end].rsplit(" ", 1)[0] if inside_word else text[:end])
             cut += 1
         if cut:
             log.warning(
-                "%d of %d report prompts cut to %d tokens of %s (data.max_prompt_tokens)",
+                "%d of %d report prompts cut to %d tokens of %s, special tokens included (data.max_prompt_tokens)",
                 cut,
                 len(texts),
                 self.max_prompt_tokens,

@@ -39,7 +39,7 @@ def test_frontal_images_the_official_split_and_report_prompts(tree, caplog):
     train = dm.dataset("train")
     by_id = {train.ids[i]: train[i] for i in range(len(train))}
     first = by_id["files/p10/p10000032/s50000001/a1.jpg"]
-    assert first["prompt"] == "Small left effusion. Left effusion."  # FINDINGS then IMPRESSION, no ___
+    assert first["prompt"] == "Left effusion. Small left effusion."  # IMPRESSION then FINDINGS, no ___
     assert first["image"].shape == (1, 16, 16) and first["label"][EFFUSION] == 1
     assert by_id["files/p10/p10000032/s50000002/b1.jpg"]["prompt"] == "No acute process."
     val = dm.dataset("val")[0]  # uncertain effusion, ignored: 0 and masked out
@@ -61,12 +61,12 @@ def test_long_reports_are_cut_at_a_word_to_the_token_limit_and_counted(tree, cap
 
     whole = _dm(tree, max_prompt_tokens=None).table.drop_duplicates("study_id")["report"].tolist()
     with caplog.at_level(logging.WARNING):
-        dm = _dm(tree, max_prompt_tokens=3)
+        dm = _dm(tree, max_prompt_tokens=5)  # [CLS] and [SEP] included: 3 of text
     cut = dm.table.drop_duplicates("study_id")["report"].tolist()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(dm.tokenizer))
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     long = [count(text) > 3 for text in whole]
-    assert dm.truncated == sum(long) > 0 and f"{sum(long)} of 4 report prompts cut to 3 tokens" in caplog.text
+    assert dm.truncated == sum(long) > 0 and f"{sum(long)} of 4 report prompts cut to 5 tokens" in caplog.text
     for before, after, was_long in zip(whole, cut, long, strict=True):
         assert count(after) <= 3 and (after == before) != was_long
         assert before.startswith(after) and before[len(after) : len(after) + 1] in (" ", ".", "")  # a whole word
