@@ -107,7 +107,7 @@ demo-covid-layout: $(STAMP)
 # reports, stage 2 trained on them through data=mimic_cxr, scored beside the template-prompt model ->
 # outputs/demo/freetext/report.md (docs/freetext.md)
 demo-freetext: $(STAMP)
-	bash experiments/demo_freetext.sh $(ARGS)
+	bash experiments/demo_freetext.sh
 	cp outputs/demo/freetext/report.md docs/freetext.md
 
 tensorboard: $(STAMP)

@@ -169,6 +169,11 @@ class MimicCXRDataModule(FileDataModule):
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer))
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         budget = self.max_prompt_tokens - tokenizer.num_special_tokens_to_add()  # the encoder adds [CLS], [SEP]
+        if budget < 1:
+            raise ValueError(
+                f"data.max_prompt_tokens={self.max_prompt_tokens} leaves no room for text beside the "
+                f"{tokenizer.num_special_tokens_to_add()} special tokens: use the prompt encoder's max_length"
+            )
         out, cut = [], 0
         for text, offsets in zip(texts, encoded["offset_mapping"], strict=True):
             if len(offsets) <= budget:

@@ -184,17 +184,19 @@ def write_mimic_layout(dm: SyntheticCXRDataModule, root: str | Path, report_seed
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
-    defaults = SyntheticCXRDataModule()
+    from configs import compose
+
+    data = compose("train", ["data=synthetic"]).data  # the phantoms `make train` / `make demo` train on
     parser = argparse.ArgumentParser(description="Write the phantoms as a MIMIC-CXR-JPG tree with free-text reports.")
     parser.add_argument("--out", required=True, help="dataset root to write (images and reports)")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    for split, size in defaults.sizes.items():
-        parser.add_argument(f"--num-{split}", type=int, default=size, help=f"phantoms of the {split} split")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="the phantoms' seed (data.seed)")
+    parser.add_argument("--image-size", type=int, default=data.image_size)
+    for split in SPLITS:
+        parser.add_argument(f"--num-{split}", type=int, default=data[f"num_{split}"], help=f"{split} phantoms")
+    parser.add_argument("--seed", type=int, default=data.seed, help="the phantoms' seed (data.seed)")
     args = parser.parse_args(argv)
     dm = SyntheticCXRDataModule(
         image_size=args.image_size, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
-        seed=args.seed,
+        seed=args.seed, p_healthy=data.p_healthy, p_second=data.p_second,
     )  # fmt: skip
     counts = write_mimic_layout(dm, args.out)
     print(json.dumps(counts))

@@ -44,8 +44,23 @@ def prompts(tree: Path, max_prompt_tokens: int) -> list[str]:
     return lines + [f"- {text}" for text in train.head(3)]
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def same_scoring(template: dict, free: dict, methods: list[str]) -> None:
+    """Refuse to compare runs that scored other images or with other settings: only the prompts may differ."""
+    for key in ("split", "images", "scored", "data"):
+        if template.get(key) != free.get(key):
+            raise ValueError(f"the two attribution runs differ in {key}: {template.get(key)} vs {free.get(key)}")
+    for key in (*methods, "map"):
+        if template["settings"].get(key) != free["settings"].get(key):
+            raise ValueError(f"the two attribution runs differ in their {key} settings: rerun both with the same")
+
+
 def attribution(template: dict, free: dict) -> tuple[list[str], bool]:
     methods = [m for m in free["methods"] if m in template["methods"] and free["methods"][m].get("auprc") is not None]
+    same_scoring(template, free, methods)
     findings = sorted({f for m in methods for f in free["per_finding"].get(m, {})})
     lines = [
         "| method | AUPRC, template prompts | AUPRC, free text | difference | "
@@ -53,24 +68,29 @@ def attribution(template: dict, free: dict) -> tuple[list[str], bool]:
         + " |",
         "|---|---:|---:|---:|" + "---|" * len(findings),
     ]
+    loss = {}
     for m in methods:
         a, b = template["methods"][m]["auprc"], free["methods"][m]["auprc"]
+        loss[m] = round(a - b, 3)
         per = [
             f"{template['per_finding'][m][f]['auprc']:.3f} / {free['per_finding'][m][f]['auprc']:.3f}" for f in findings
         ]
         lines.append(f"| {m} | {a:.3f} | {b:.3f} | {b - a:+.3f} | " + " | ".join(per) + " |")
+    worst = max(loss, key=loss.get)
+    met = loss[worst] <= TOLERANCE
     best_t = max(methods, key=lambda m: template["methods"][m]["auprc"])
     best_f = max(methods, key=lambda m: free["methods"][m]["auprc"])
-    gap = template["methods"][best_t]["auprc"] - free["methods"][best_f]["auprc"]
-    met = gap <= TOLERANCE
     lines += [
         "",
-        f"Best method: template prompts {best_t} {template['methods'][best_t]['auprc']:.3f}, free text {best_f} "
-        f"{free['methods'][best_f]['auprc']:.3f}: the free-text model is {gap:+.3f} below "
-        f"({'within' if met else 'NOT within'} {TOLERANCE}).",
-        f"Validity (the classifier calls the counterfactual healthy), best method: template "
-        f"{template['methods'][best_t].get('validity', float('nan')):.3f}, free text "
-        f"{free['methods'][best_f].get('validity', float('nan')):.3f}.",
+        f"**Every method within {TOLERANCE} of the template-prompt model: {'yes' if met else 'NO'}** (largest loss: "
+        f"{worst}, {loss[worst]:.3f}). Best method: template prompts {best_t} "
+        f"{template['methods'][best_t]['auprc']:.3f}, free text {best_f} {free['methods'][best_f]['auprc']:.3f}.",
+        "Validity (the classifier calls the counterfactual healthy): "
+        + ", ".join(
+            f"{m} {_fmt(template['methods'][m].get('validity'))} / {_fmt(free['methods'][m].get('validity'))}"
+            for m in methods
+        )
+        + " (template / free text).",
     ]
     return lines, met
 
@@ -82,10 +102,24 @@ def induction(template_root: Path, free_root: Path) -> list[str]:
         + " |",
         "|---|---|---|" + "---|" * len(INDUCTION),
     ]
+    means: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in INDUCTION}
     for path in sorted(free_root.glob("*/metrics.json")):
         free, template = _json(path), _json(template_root / path.parent.name / "metrics.json")
         cells = [f"{template[k]:.3f} / {free[k]:.3f}" for k, _ in INDUCTION]
         lines.append(f"| {path.parent.name} | {template['prompt']} | {free['prompt']} | " + " | ".join(cells) + " |")
+        for k, _ in INDUCTION:
+            means[k].append((template[k], free[k]))
+    if means[INDUCTION[0][0]]:
+        lines += [
+            "",
+            "Mean over the findings, template / free text: "
+            + "; ".join(
+                f"{name} {sum(t for t, _ in means[k]) / len(means[k]):.3f} / "
+                f"{sum(f for _, f in means[k]) / len(means[k]):.3f}"
+                for k, name in INDUCTION
+            )
+            + ".",
+        ]
     return lines
 
 
@@ -128,6 +162,14 @@ def report(root: Path, tree: Path, max_prompt_tokens: int) -> str:
         "## Zero-shot induction driven by a free-text sentence (held-out normal test phantoms)",
         "",
         *induction(root / "induction", root / "freetext" / "induction"),
+        "",
+        "## What else differs",
+        "",
+        "- The free-text model trains on the phantoms as 8-bit JPEG (quality 95, as MIMIC-CXR-JPG), and is scored "
+        "on the float phantoms like the template-prompt model.",
+        "- The counterfactual settings (configs/attribution.yaml) were chosen on val for the template-prompt model; "
+        "none was tuned for the free-text one.",
+        "- Its healthy target is MIMIC-CXR's wording, which opens every normal study's prompt (IMPRESSION first).",
         "",
     ]
     return "\n".join(lines)

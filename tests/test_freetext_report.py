@@ -14,8 +14,9 @@ def _attribution(path, auprc: dict[str, float]):
     path.mkdir(parents=True)
     per = {m: {"nodule": {"auprc": a - 0.1}, "effusion": {"auprc": a + 0.1}} for m, a in auprc.items()}
     methods = {m: {"auprc": a, "validity": 0.9} for m, a in auprc.items()}
+    settings = {m: {"steps": 50} for m in auprc} | {"map": {"sigma": 2.0}}
     path.joinpath("metrics.json").write_text(
-        json.dumps({"methods": methods, "per_finding": per, "scored": 78, "images": 128})
+        json.dumps({"methods": methods, "per_finding": per, "scored": 78, "images": 128, "settings": settings})
     )
 
 
@@ -34,20 +35,32 @@ def tree(tmp_path):
     return tmp_path / "tree"
 
 
-@pytest.mark.parametrize(("free_inversion", "verdict"), [(0.73, "(within 0.05)"), (0.70, "(NOT within 0.05)")])
-def test_the_verdict_follows_the_best_methods(tmp_path, tree, free_inversion, verdict):
+@pytest.mark.parametrize(
+    ("free_refined", "verdict"),
+    [(0.71, "within 0.05 of the template-prompt model: yes** (largest loss: refined, 0.050)"), (0.70, ": NO**")],
+)
+def test_the_verdict_asks_every_method_to_hold(tmp_path, tree, free_refined, verdict):
     _attribution(tmp_path / "attribution", {"sdedit": 0.65, "inversion": 0.77, "refined": 0.76, "saliency": 0.05})
-    _attribution(tmp_path / "freetext" / "attribution", {"sdedit": 0.6, "inversion": free_inversion, "refined": 0.5})
+    _attribution(tmp_path / "freetext" / "attribution", {"sdedit": 0.64, "inversion": 0.78, "refined": free_refined})
     _induction(tmp_path / "induction" / "nodule", "small nodule in the left lower zone", 0.25)
     _induction(tmp_path / "freetext" / "induction" / "nodule", "Small round nodule in the left lower lung.", 0.5)
     text = freetext_report.main([str(tmp_path), "--tree", str(tree), "--max-prompt-tokens", "16"])
     assert verdict in text and (tmp_path / "freetext" / "report.md").read_text() == text
-    assert "| inversion | 0.770 |" in text and "saliency" not in text  # only the methods both models ran
+    assert "| inversion | 0.770 | 0.780 | +0.010 |" in text and "saliency" not in text  # the methods both ran
     assert (
         "| nodule | small nodule in the left lower zone | Small round nodule in the left lower lung. | 0.250 / 0.500"
         in text
     )
     assert "6 training studies" in text
+
+
+def test_runs_scored_differently_are_not_compared(tmp_path, tree):
+    _attribution(tmp_path / "attribution", {"inversion": 0.77})
+    _attribution(tmp_path / "freetext" / "attribution", {"inversion": 0.78})
+    path = tmp_path / "freetext" / "attribution" / "metrics.json"
+    path.write_text(path.read_text().replace('"steps": 50', '"steps": 25'))
+    with pytest.raises(ValueError, match="differ in their inversion settings"):
+        freetext_report.main([str(tmp_path), "--tree", str(tree)])
 
 
 def test_a_missing_run_says_what_to_run(tmp_path, tree):

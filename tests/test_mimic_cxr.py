@@ -88,6 +88,11 @@ def test_a_wrong_tree_is_one_line_with_the_layout(tree, change, message):
         _dm(tree)
 
 
+def test_a_token_limit_with_no_room_for_text_is_refused(tree):
+    with pytest.raises(ValueError, match="max_prompt_tokens=2 leaves no room"):
+        _dm(tree, max_prompt_tokens=2)
+
+
 def test_a_missing_root_and_bad_sections(tree, tmp_path):
     with pytest.raises(ValueError, match="data.root is not set"):
         MimicCXRDataModule(None)
