@@ -2,13 +2,7 @@
 # `make demo`: the main job end to end on the synthetic phantoms, on the CPU, from nothing.
 # Trains both stages into logs/demo/ (TensorBoard: `make tensorboard`), then writes results under outputs/demo/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-# The same CPU kernels and thread count on every x86-64 machine with AVX2, so that a rerun elsewhere writes the same
-# numbers (README, Reproducibility); each run records what it used in its environment.json. Set any to override.
-export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}
-export MKL_CBWR=${MKL_CBWR:-AVX2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-LOGS=logs/demo
+source "$(dirname "$0")/demo_env.sh"  # cd to the repository; PY, LOGS, the pinned CPU kernels and threads
 OUT=outputs/demo
 rm -rf "$LOGS" "$OUT"
 mkdir -p "$OUT"

@@ -4,11 +4,7 @@
 # demo's autoencoder and run length; its counterfactuals are scored on the same held-out test phantoms as the
 # template-prompt model's, and induction is driven by free-text sentences. Summary: outputs/demo/freetext/report.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}
-export MKL_CBWR=${MKL_CBWR:-AVX2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-LOGS=logs/demo
+source "$(dirname "$0")/demo_env.sh"  # cd to the repository; PY, LOGS, the pinned CPU kernels and threads
 OUT=outputs/demo/freetext
 TREE=data/phantoms_mimic
 TOKENS=32  # the CPU model's prompt encoder length (model.prompt_encoder.max_length)
