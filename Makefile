@@ -123,7 +123,7 @@ repro: $(STAMP)
 	$(PY) experiments/reproducibility.py $(ARGS)
 
 clean:
-	rm -rf logs outputs .pytest_cache build *.egg-info $(COVID_PHANTOMS)
+	rm -rf logs outputs .pytest_cache build *.egg-info $(COVID_PHANTOMS) data/phantoms_mimic
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
 lock: $(STAMP)
