@@ -39,6 +39,19 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     }
 
 
+#: every method and baseline at 2 steps (DiffEdit: 2 draws) in batches of 2: the scripts' tests run in seconds
+FEW_STEPS = [
+    "batch_size=2",
+    "sdedit.num_inference_steps=2",
+    "sdedit.strength=0.5",
+    "inversion.num_inference_steps=2",
+    "baselines.diffedit.num_inference_steps=2",
+    "baselines.diffedit.strength=0.5",
+    "baselines.diffedit.num_maps=2",
+    "baselines.mean_healthy.num_images=4",
+]
+
+
 def run(checkpoints: dict, out: Path, *overrides: str) -> dict:
     """The script at 2 inference steps, 2 DiffEdit draws, on a 4-image synthetic test split (2 healthy) by default."""
     return counterfactual_attribution.main(
@@ -51,14 +64,7 @@ def run(checkpoints: dict, out: Path, *overrides: str) -> dict:
             "data.num_train=24",
             "data.num_val=6",
             "data.num_test=4",
-            "batch_size=2",
-            "sdedit.num_inference_steps=2",
-            "sdedit.strength=0.5",
-            "inversion.num_inference_steps=2",
-            "baselines.diffedit.num_inference_steps=2",
-            "baselines.diffedit.strength=0.5",
-            "baselines.diffedit.num_maps=2",
-            "baselines.mean_healthy.num_images=4",
+            *FEW_STEPS,
             *overrides,
         ]
     )

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lightning_modules.runs.units import Parts, claim_output, fingerprint, plan_units
-from tests.test_counterfactual_script import checkpoints  # noqa: F401 (the smoke checkpoints, a module fixture)
+from tests.test_counterfactual_script import FEW_STEPS, checkpoints  # noqa: F401 (checkpoints: a module fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 7  # 4 units of 2: rank 0 takes units 0 and 2, rank 1 units 1 and 3 (the short one)
@@ -35,14 +35,22 @@ def command(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa
         "data.num_val=6",
         f"data.num_test={IMAGES}",
         "num_images=null",
-        "batch_size=2",
-        "sdedit.num_inference_steps=2",
-        "sdedit.strength=0.5",
-        "inversion.num_inference_steps=2",
-        "baselines.diffedit.num_inference_steps=2",
-        "baselines.diffedit.strength=0.5",
-        "baselines.diffedit.num_maps=2",
-        "baselines.mean_healthy.num_images=4",
+        *FEW_STEPS,
+        *overrides,
+    ]
+
+
+def induce(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa: F811
+    """Induction of an effusion at 2 steps, into ``out``."""
+    return [
+        sys.executable,
+        "experiments/zero_shot_induction.py",
+        "experiment=smoke",
+        f"checkpoint={checkpoints['checkpoint']}",
+        f"classifier_checkpoint={checkpoints['classifier_checkpoint']}",
+        f"output_dir={out}",
+        "induction.num_inference_steps=2",
+        "finding=effusion",
         *overrides,
     ]
 
@@ -99,22 +107,16 @@ def test_induction_on_two_processes_writes_what_one_process_writes(checkpoints, 
     outs = {}
     for devices in (1, 2):
         outs[devices] = tmp_path / f"induce{devices}"
-        run = [
-            sys.executable,
-            "experiments/zero_shot_induction.py",
-            "experiment=smoke",
-            f"checkpoint={checkpoints['checkpoint']}",
-            f"classifier_checkpoint={checkpoints['classifier_checkpoint']}",
-            f"output_dir={outs[devices]}",
+        run = induce(
+            checkpoints,
+            outs[devices],
             "num_threads=1",
             "data.num_test=24",
             "num_images=5",
             "batch_size=2",
             "seeds=[0,1]",
-            "induction.num_inference_steps=2",
-            "finding=effusion",
             f"devices={devices}",
-        ]
+        )
         subprocess.run(run, cwd=ROOT, check=True, capture_output=True)
     one, two = (files(outs[d]) for d in (1, 2))
     assert sorted(one) == sorted(two) and len([n for n in one if n.startswith("induced/")]) == 10
@@ -198,19 +200,7 @@ def test_an_output_dir_holding_another_run_is_refused(tmp_path):
 @pytest.mark.slow
 def test_fewer_units_than_ranks_leaves_a_rank_idle_not_failing(checkpoints, tmp_path):  # noqa: F811
     out = tmp_path / "one_unit"
-    run = [
-        sys.executable,
-        "experiments/zero_shot_induction.py",
-        "experiment=smoke",
-        f"checkpoint={checkpoints['checkpoint']}",
-        f"classifier_checkpoint={checkpoints['classifier_checkpoint']}",
-        f"output_dir={out}",
-        "num_images=1",
-        "seeds=[0]",
-        "induction.num_inference_steps=2",
-        "finding=effusion",
-        "devices=2",
-    ]
+    run = induce(checkpoints, out, "num_images=1", "seeds=[0]", "devices=2")
     done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(json.loads((out / "metrics.json").read_text())["per_sample"]) == 1
