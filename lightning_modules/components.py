@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from lightning_modules.inpainting import in_channels
 from lightning_modules.prompt_encoder import PromptEncoder
 from lightning_modules.vae import load_vae
 
@@ -30,9 +31,16 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
 
 
 def build_components(
-    vae: dict, unet: dict, prompt_encoder: dict, noise_scheduler: dict, image_size: int = 64, **_: Any
+    vae: dict,
+    unet: dict,
+    prompt_encoder: dict,
+    noise_scheduler: dict,
+    image_size: int = 64,
+    inpainting: dict | None = None,
+    **_: Any,
 ) -> Components:
-    """Frozen VAE and prompt encoder from disk, a fresh UNet sized to them, the training noise scheduler.
+    """Frozen VAE and prompt encoder from disk, a fresh UNet sized to them (with the inpainting condition's input
+    channels when ``inpainting`` is enabled), the training noise scheduler.
 
     Takes a checkpoint's ``hyper_parameters`` as keyword arguments; the keys that configure training only are ignored.
     """
@@ -40,7 +48,7 @@ def build_components(
     encoder = PromptEncoder(**prompt_encoder)
     network = UNet2DConditionModel(
         sample_size=image_size // vae_scale_factor(frozen_vae),
-        in_channels=frozen_vae.config.latent_channels,
+        in_channels=in_channels(frozen_vae.config.latent_channels, bool(inpainting and inpainting.get("enabled"))),
         out_channels=frozen_vae.config.latent_channels,
         cross_attention_dim=encoder.hidden_size,
         **unet,

@@ -1,6 +1,7 @@
 """Stage 2: a text-conditioned denoiser trained on the frozen VAE's latents, with classifier-free guidance dropout.
 
-image -> latent (frozen VAE, cached) -> noised latent (DDPM ``add_noise``) -> UNet(prompt embeddings) -> loss.
+image -> latent (frozen VAE, cached) -> noised latent (DDPM ``add_noise``) [+ inpainting condition] -> UNet(prompt
+embeddings) -> loss.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
+from lightning_modules import inpainting as inpaint
 from lightning_modules.checkpoints import frozen_fingerprint
 from lightning_modules.compiled_unet import compile_unet
 from lightning_modules.components import FROZEN_PREFIXES, build_components, vae_scale_factor
@@ -43,6 +45,7 @@ class LatentDiffusionModule(L.LightningModule):
         unet: dict,
         prompt_encoder: dict,
         noise_scheduler: dict,
+        inpainting: dict | None = None,
         p_uncond: float = 0.15,
         ema: dict | None = None,
         optimizer: dict | None = None,
@@ -53,9 +56,12 @@ class LatentDiffusionModule(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
+        p_region = (inpainting or {}).get("p_region", 0.0)
+        if not 0.0 <= p_region <= 1.0:
+            raise ValueError(f"model.inpainting.p_region must be in [0, 1], got {p_region!r}")
         self.save_hyperparameters()
         self.vae, self.prompt_encoder, self.unet, self.noise_scheduler = build_components(
-            vae, unet, prompt_encoder, noise_scheduler, image_size
+            vae, unet, prompt_encoder, noise_scheduler, image_size, inpainting
         )
         self.ema = EMAModel(self.unet.parameters(), **ema) if ema else None
         self.strict_loading = False  # frozen weights are not in our checkpoints
@@ -68,6 +74,11 @@ class LatentDiffusionModule(L.LightningModule):
         """The UNet as the training step calls it: ``torch.compile``d when ``compile`` is on. A cached attribute, not
         a submodule: checkpoints, the EMA, validation and sampling all use the one eager UNet and its weights."""
         return compile_unet(self.unet) if self.hparams.compile else self.unet
+
+    @property
+    def inpainting(self) -> bool:
+        """The UNet takes the inpainting condition (lightning_modules/inpainting.py) besides the noised latent."""
+        return self.unet.config.in_channels != self.vae.config.latent_channels
 
     @property
     def vae_scale_factor(self) -> int:
@@ -117,6 +128,11 @@ class LatentDiffusionModule(L.LightningModule):
             device=self.device,
         )
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)  # q_sample
+        if self.inpainting:  # (B, 2C + 1, h, w): a random box to draw, or the whole image
+            masks = inpaint.random_masks(
+                latents.shape[0], latents.shape[-2:], self.hparams.inpainting["p_region"], generator, self.device
+            )
+            noisy_latents = torch.cat([noisy_latents, inpaint.condition(masks, latents)], dim=1)
         unet = self.training_unet if training else self.unet
         prediction = unet(noisy_latents, timesteps, encoder_hidden_states=embeddings).sample
         loss = F.mse_loss(prediction, self.target(latents, noise, timesteps))

@@ -9,7 +9,8 @@ encode image, prepare latents, denoise with guidance, decode. Two ways to reach 
   (abduction), then guided DDIM decoding toward the healthy prompt (action and prediction).
 
 ``induce`` is the reverse edit (zero-shot localized disease induction): a finding drawn into a region of a normal
-image by latent blending, as diffusers' ``StableDiffusionInpaintPipeline`` does for plain 4-channel UNets.
+image by latent blending, as diffusers' ``StableDiffusionInpaintPipeline`` does for plain 4-channel UNets; a UNet
+trained with the inpainting condition (``lightning_modules.inpainting``) also sees the region and what surrounds it.
 Every call takes its settings as one typed object (``lightning_modules.settings``), validated when it is built.
 """
 
@@ -24,6 +25,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from lightning_modules import inpainting as inpaint
 from lightning_modules.attribution import signed_map
 from lightning_modules.checkpoints import check_frozen, frozen_fingerprint, read_checkpoint
 from lightning_modules.compiled_unet import compile_unet
@@ -72,6 +74,8 @@ class LatentDiffusionPipeline:
         """``sampling``: the model's default steps and guidance (stored with its checkpoint). ``compile``: run the
         UNet ``torch.compile``d (the same weights): faster once compiled, which costs every new input shape a
         compilation first (`make bench` measures both)."""
+        #: the UNet takes the inpainting condition besides the latent (more input channels than the latent has)
+        self.inpainting = unet.config.in_channels != vae.config.latent_channels
         self.unet = compile_unet(unet) if compile else unet
         self.vae, self.scheduler, self.prompt_encoder = vae, scheduler, prompt_encoder
         self.inverse_scheduler = DDIMInverseScheduler.from_config(scheduler.config)
@@ -194,19 +198,34 @@ class LatentDiffusionPipeline:
         steps = min(int(num_inference_steps * depth), num_inference_steps)
         embeddings = self.prompt_encoder([prompt] * latents.shape[0]).to(self.device)
         for t in self.inverse_scheduler.timesteps[:steps]:
-            noise_pred = self.unet(latents, t, encoder_hidden_states=embeddings).sample
+            noise_pred = self.unet(self.unet_input(latents, None), t, encoder_hidden_states=embeddings).sample
             latents = self.inverse_scheduler.step(noise_pred, t, latents).prev_sample
         return latents
 
     # 5. denoise with guidance ---------------------------------------------------------------------------------
+    def unet_input(self, latents: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """(B, C, h, w) -> what the UNet takes: the latents, with an inpainting UNet followed by ``condition``
+        (B, C + 1, h, w), by default the whole-image one (``inpainting.unknown``)."""
+        if not self.inpainting:
+            return latents
+        return torch.cat([latents, inpaint.unknown(latents) if condition is None else condition], dim=1)
+
     def predict_noise(
-        self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, guidance_scale: float
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        embeddings: torch.Tensor,
+        guidance_scale: float,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not self.do_guidance(guidance_scale):
-            return self.unet(self.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=embeddings).sample
-        model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)  # (2B, C, h, w)
+            model_input = self.unet_input(self.scheduler.scale_model_input(latents, t), condition)
+            return self.unet(model_input, t, encoder_hidden_states=embeddings).sample
+        if condition is not None:
+            condition = torch.cat([condition] * 2)
+        model_input = self.unet_input(self.scheduler.scale_model_input(torch.cat([latents] * 2), t), condition)
         noise_uncond, noise_cond = self.unet(model_input, t, encoder_hidden_states=embeddings).sample.chunk(2)
-        return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+        return noise_uncond + guidance_scale * (noise_cond - noise_uncond)  # (B, C, h, w)
 
     @torch.no_grad()
     def denoise(
@@ -307,8 +326,9 @@ class LatentDiffusionPipeline:
         """Zero-shot localized disease induction (method.md §3): normal images (B, 1, H, W) in [-1, 1], regions
         (B or 1, 1, H, W) in [0, 1] and a finding prompt -> the finding drawn inside the regions only.
 
-        The UNet was never trained to inpaint, so the region is imposed by latent blending, exactly as diffusers'
-        ``StableDiffusionInpaintPipeline`` does for 4-channel UNets (tests check the outputs are equal): after every
+        The region is imposed by latent blending, exactly as diffusers' ``StableDiffusionInpaintPipeline`` does for
+        4-channel UNets (tests check the outputs are equal); a UNet trained with the inpainting condition is also given
+        the region and the original latent outside it at every call, so it draws knowing the context. After every
         step the latent outside the region is replaced by the original latent re-noised, with the starting noise, to
         the *next* timestep (after the last step, the original latent itself). The region reaches latent resolution
         as a binary mask (``latent_mask``). ``feather`` (pixels) softens the region's edge; ``paste`` then lays the
@@ -328,6 +348,7 @@ class LatentDiffusionPipeline:
 
         original = self.encode_image(images, generator, sample=True)  # (B, C, h, w), a posterior sample as inpainting
         mask = latent_mask(masks, original.shape[-2:])  # (B, 1, h, w)
+        condition = inpaint.condition(mask, original) if self.inpainting else None  # (B, C + 1, h, w)
         timesteps = self.timesteps(settings.num_inference_steps, settings.strength)
         noise = randn_tensor(original.shape, generator=generator, device=self.device, dtype=original.dtype)
         if (
@@ -342,7 +363,7 @@ class LatentDiffusionPipeline:
             for u in range(1 if last else settings.resample):
                 if u > 0:  # RePaint: back from the next timestep to t, so the region is re-drawn with its context
                     latents = self.renoise(latents, timesteps[i + 1], t, generator)
-                noise_pred = self.predict_noise(latents, t, embeddings, guidance_scale)
+                noise_pred = self.predict_noise(latents, t, embeddings, guidance_scale, condition)
                 latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
                 known = (
                     original

@@ -45,6 +45,7 @@ from configs import compose, instantiate
 from datamodules.base import CXRDataModule
 from datamodules.prompts import PromptBank
 from datamodules.synthetic import SyntheticCXRDataset
+from lightning_modules import inpainting as inpaint
 from lightning_modules.compiled_unet import compile_unet
 from lightning_modules.latent_diffusion import LatentDiffusionModule, drop_prompts
 from lightning_modules.pipeline import LatentDiffusionPipeline
@@ -251,6 +252,7 @@ def plain_steps(bench: Bench, module: LatentDiffusionModule, data: Dataset) -> C
     ema.to(device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=str(cfg.trainer.precision).startswith("bf16"))
     batches = itertools.cycle(DataLoader(data, batch_size=cfg.data.batch_size, shuffle=False))
+    p_region = (model.get("inpainting") or {}).get("p_region", 0.0)
 
     def step() -> None:
         batch = next(batches)
@@ -260,6 +262,9 @@ def plain_steps(bench: Bench, module: LatentDiffusionModule, data: Dataset) -> C
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
             noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+            if module.inpainting:  # as diffusers' inpainting training: the mask and the masked latent concatenated
+                masks = inpaint.random_masks(len(latents), latents.shape[-2:], p_region, device=device)
+                noisy_latents = torch.cat([noisy_latents, inpaint.condition(masks, latents)], dim=1)
             prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
             loss = F.mse_loss(prediction.float(), noise.float())
         loss.backward()

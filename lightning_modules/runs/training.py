@@ -24,7 +24,17 @@ from lightning_modules.runs.environment import environment
 from lightning_modules.seeding import StepSeeds
 
 #: the model keys that build LatentDiffusionModule (the rest of `model` configures stage 1 and the classifier)
-MODULE_KEYS = ("vae", "unet", "prompt_encoder", "noise_scheduler", "p_uncond", "ema", "optimizer", "compile")
+MODULE_KEYS = (
+    "vae",
+    "unet",
+    "prompt_encoder",
+    "noise_scheduler",
+    "inpainting",
+    "p_uncond",
+    "ema",
+    "optimizer",
+    "compile",
+)
 
 
 def seed_and_threads(cfg: DictConfig) -> None:
