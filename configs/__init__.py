@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -50,6 +51,20 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str
         else:
             dotlist.append(item)
     return selected, dotlist
+
+
+def _from_dotlist(dotlist: list[str]) -> DictConfig:
+    """``key=value`` overrides -> a config; a value YAML cannot read is a ``ConfigError`` naming the override."""
+    for item in dotlist:
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"override '{item}' is not a YAML value ({problem}); in a mapping put a space after each colon, "
+                "e.g. key='{a: 1, b: [2, 3]}'"
+            ) from None
+    return OmegaConf.from_dotlist(dotlist)
 
 
 def _kind(value: Any) -> str | None:
@@ -124,7 +139,7 @@ def compose(name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
             if group not in defaults and group in experiment_cfg:
                 experiment_cfg.pop(group)
         cfg = _merge_strict(cfg, experiment_cfg, f"experiment '{experiment}'")
-    cfg = _merge_strict(cfg, OmegaConf.from_dotlist(dotlist), "command line")
+    cfg = _merge_strict(cfg, _from_dotlist(dotlist), "command line")
     OmegaConf.resolve(cfg)
     check(cfg)
     return cfg

@@ -352,6 +352,10 @@ def test_overrides_apply_and_experiment_shrinks():
         ),
         ("learning_rate=1", "unknown key 'learning_rate'; valid keys at the top level"),
         ("seed", "not of the form key=value"),
+        (  # YAML reads "{a:[1]}" as no mapping at all: the override is named, with how to write one
+            "model.inpainting={p_region:[0.5]}",
+            r"override 'model.inpainting=\{p_region:\[0.5\]\}' is not a YAML value .*a space after each colon",
+        ),
     ],
 )
 def test_unknown_choices_and_keys_name_the_valid_ones(override, message):
