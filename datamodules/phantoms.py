@@ -15,7 +15,8 @@ Read top to bottom: anatomy -> findings -> acquisition -> ``render_phantom``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -86,36 +87,77 @@ class Anatomy:
     wiggle: np.ndarray  # waves: vessels bending
 
 
-def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+# Each sampled quantity's range; a family of phantoms (FAMILIES) may redraw any of them. The draw order is fixed by
+# ``sample_anatomy``, so a family that changes only ranges consumes the same random numbers.
+ANATOMY_RANGES = {
+    "apex_y": (-0.8, -0.66),
+    "lateral_d": (0.7, 0.82),
+    "right_dome": (0.22, 0.36),
+    "dome_step": (0.02, 0.08),  # the left dome sits this much lower
+    "angle_drop": (0.14, 0.24),  # costophrenic angles below the domes
+    "heart_w": (0.3, 0.38),
+    "mediastinum_d": (0.11, 0.15),
+    "apex_d": (0.27, 0.35),
+    "dome_d": (0.36, 0.46),
+    "heart_x": (0.1, 0.16),
+    "heart_rise": (0.1, 0.16),  # heart centre above the left dome
+    "heart_aspect": (0.65, 0.8),
+    "heart_tilt": (0.3, 0.55),
+    "knob_dx": (-0.03, 0.0),
+    "knob_y": (0.34, 0.42),  # below the apices
+    "knob_r": (0.05, 0.065),
+    "hilum_dx": (0.03, 0.07),
+    "hilum_y": (-0.2, -0.08),
+    "wall": (0.08, 0.16),
+    "tissue": (0.48, 0.56),
+    "air": (0.3, 0.38),
+    "spine_w": (0.055, 0.07),
+    "rib_spacing": (0.13, 0.16),
+    "rib_tilt": (0.35, 0.55),
+    "rib_droop": (0.75, 1.0),
+    "clavicle_y": (0.06, 0.14),  # below the apices
+    "clavicle_slope": (0.15, 0.3),
+    "breast": (0.04, 0.07),
+    "p_breast": 0.4,
+    "gastric_bubble": (0.06, 0.14),
+    "p_gastric_bubble": 0.7,
+    "vessels": (14.0, 20.0),
+}
+
+
+def sample_anatomy(rng: np.random.Generator, r: dict = ANATOMY_RANGES) -> Anatomy:
     """A random healthy adult chest; ranges wide enough that a model has to learn anatomy, not one picture."""
-    u = rng.uniform
-    apex_y, lateral_d = u(-0.8, -0.66), u(0.7, 0.82)
-    right_dome = u(0.22, 0.36)
-    dome_y = (right_dome, right_dome + u(0.02, 0.08))
-    drop = u(0.14, 0.24)  # costophrenic angles below the domes
-    heart_w = u(0.3, 0.38)
-    mediastinum_d = u(0.11, 0.15)
+
+    def u(key: str) -> float:
+        return rng.uniform(*r[key])
+
+    apex_y, lateral_d = u("apex_y"), u("lateral_d")
+    right_dome = u("right_dome")
+    dome_y = (right_dome, right_dome + u("dome_step"))
+    drop = u("angle_drop")
+    heart_w = u("heart_w")
+    mediastinum_d = u("mediastinum_d")
     return Anatomy(
         apex_y=apex_y,
-        apex_d=u(0.27, 0.35),
+        apex_d=u("apex_d"),
         lateral_d=lateral_d,
         mediastinum_d=mediastinum_d,
         dome_y=dome_y,
         angle_y=(dome_y[0] + drop, dome_y[1] + drop),
-        dome_d=u(0.36, 0.46),
-        heart=(u(0.1, 0.16), dome_y[1] - u(0.1, 0.16), heart_w, heart_w * u(0.65, 0.8), u(0.3, 0.55)),
-        knob=(mediastinum_d + u(-0.03, 0.0), apex_y + u(0.34, 0.42), u(0.05, 0.065)),
-        hilum=(mediastinum_d + u(0.03, 0.07), u(-0.2, -0.08)),
-        wall=u(0.08, 0.16),
-        tissue=u(0.48, 0.56),
-        air=u(0.3, 0.38),
-        spine_w=u(0.055, 0.07),
-        ribs=(u(0.13, 0.16), u(0.0, 1.0), u(0.35, 0.55), u(0.75, 1.0)),
-        clavicle=(apex_y + u(0.06, 0.14), u(0.15, 0.3)),
-        breast=u(0.04, 0.07) if rng.random() < 0.4 else 0.0,
-        gastric_bubble=u(0.06, 0.14) if rng.random() < 0.7 else 0.0,
-        vessels=u(14.0, 20.0),
-        vessel_phase=(u(0, 2 * np.pi), u(0, 2 * np.pi)),
+        dome_d=u("dome_d"),
+        heart=(u("heart_x"), dome_y[1] - u("heart_rise"), heart_w, heart_w * u("heart_aspect"), u("heart_tilt")),
+        knob=(mediastinum_d + u("knob_dx"), apex_y + u("knob_y"), u("knob_r")),
+        hilum=(mediastinum_d + u("hilum_dx"), u("hilum_y")),
+        wall=u("wall"),
+        tissue=u("tissue"),
+        air=u("air"),
+        spine_w=u("spine_w"),
+        ribs=(u("rib_spacing"), rng.uniform(0.0, 1.0), u("rib_tilt"), u("rib_droop")),
+        clavicle=(apex_y + u("clavicle_y"), u("clavicle_slope")),
+        breast=u("breast") if rng.random() < r["p_breast"] else 0.0,
+        gastric_bubble=u("gastric_bubble") if rng.random() < r["p_gastric_bubble"] else 0.0,
+        vessels=u("vessels"),
+        vessel_phase=(rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)),
         texture=_draw_waves(rng, 4, (1.5, 4.0)),
         wiggle=_draw_waves(rng, 4, (2.0, 5.0)),
     )
@@ -360,16 +402,17 @@ def _effusion(rng: np.random.Generator, f: Finding, s: Scene) -> tuple[np.ndarra
 
 
 DRAW = {"nodule": _nodule, "ground_glass": _ground_glass, "consolidation": _consolidation, "effusion": _effusion}
+Draw = Callable[[np.random.Generator, Finding, Scene], tuple[np.ndarray, np.ndarray]]
 
 
 def render_findings(
-    rng: np.random.Generator, findings: tuple[Finding, ...], scene: Scene
+    rng: np.random.Generator, findings: tuple[Finding, ...], scene: Scene, draw: dict[str, Draw] = DRAW
 ) -> tuple[np.ndarray, np.ndarray]:
     """Added density (H, W), zero outside the lesions and at least FLOOR inside, and one mask per finding (n, H, W)."""
     delta = np.zeros_like(scene.X)
     masks = np.zeros((len(findings), *scene.X.shape), bool)
     for i, finding in enumerate(findings):
-        lesion, masks[i] = DRAW[finding.kind](rng, finding, scene)
+        lesion, masks[i] = draw[finding.kind](rng, finding, scene)
         delta += np.where(masks[i], np.maximum(lesion, 0) + FLOOR, 0).astype(np.float32)
     return delta, masks
 
@@ -396,16 +439,29 @@ class Acquisition:
         return c * u + s * v, c * v - s * u
 
 
-def sample_acquisition(rng: np.random.Generator) -> Acquisition:
-    u = rng.uniform
+ACQUISITION_RANGES = {
+    "shift": (-0.06, 0.06),
+    "scale": (0.9, 1.06),
+    "rotation_deg": (-4.0, 4.0),
+    "exposure": (-0.06, 0.06),
+    "contrast": (4.5, 6.5),
+    "gamma": (0.8, 1.25),
+    "noise": (0.008, 0.022),
+}
+
+
+def sample_acquisition(rng: np.random.Generator, r: dict = ACQUISITION_RANGES) -> Acquisition:
+    def u(key: str) -> float:
+        return rng.uniform(*r[key])
+
     return Acquisition(
-        shift=(u(-0.06, 0.06), u(-0.06, 0.06)),
-        scale=u(0.9, 1.06),
-        rotation=np.deg2rad(u(-4.0, 4.0)),
-        exposure=u(-0.06, 0.06),
-        contrast=u(4.5, 6.5),
-        gamma=u(0.8, 1.25),
-        noise=u(0.008, 0.022),
+        shift=(u("shift"), u("shift")),
+        scale=u("scale"),
+        rotation=np.deg2rad(u("rotation_deg")),
+        exposure=u("exposure"),
+        contrast=u("contrast"),
+        gamma=u("gamma"),
+        noise=u("noise"),
     )
 
 
@@ -442,15 +498,44 @@ class Phantom:
         return self.lesions[keep].any(0) if any(keep) else np.zeros(self.image.shape, bool)
 
 
-def render_phantom(rng: np.random.Generator, findings: tuple[Finding, ...] = (), size: int = 64) -> Phantom:
+@dataclass(frozen=True)
+class Family:
+    """A kind of phantom: the ranges its patients and films are drawn from and how each finding is drawn.
+
+    A model trained and tuned on one family and scored on another shows whether its defaults generalise (real users
+    have no lesion masks to tune on).
+    """
+
+    anatomy: dict = field(default_factory=lambda: ANATOMY_RANGES)
+    acquisition: dict = field(default_factory=lambda: ACQUISITION_RANGES)
+    draw: dict[str, Draw] = field(default_factory=lambda: DRAW)
+
+
+FAMILIES: dict[str, Family] = {"standard": Family()}  # datamodules.phantoms_heldout registers "heldout"
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown phantom family '{name}'; valid: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def render_phantom(
+    rng: np.random.Generator, findings: tuple[Finding, ...] = (), size: int = 64, family_name: str = "standard"
+) -> Phantom:
     """Draw a patient, an acquisition and the findings' shapes from ``rng``; film it with and without the findings."""
-    anatomy, acq = sample_anatomy(rng), sample_acquisition(rng)
+    kind = family(family_name)
+    anatomy, acq = sample_anatomy(rng, kind.anatomy), sample_acquisition(rng, kind.acquisition)
     X, Y = _grid(size)
     pixel = 2.0 / size
     chest = render_chest(anatomy, *acq.to_patient(X, Y), pixel / acq.scale)
     zones = {f"{side}-{level}": m for side, lung in zip(SIDES, chest.lungs) for level, m in level_masks(lung).items()}
-    delta, lesions = render_findings(rng, tuple(findings), Scene(X, Y, pixel, acq.scale, chest, zones))
+    scene = Scene(X, Y, pixel, acq.scale, chest, zones)
+    delta, lesions = render_findings(rng, tuple(findings), scene, kind.draw)
     noisy = chest.density + acq.noise * rng.standard_normal((size, size), dtype=np.float32)
     healthy = film(noisy, acq).astype(np.float32)
     image = film(noisy + delta, acq).astype(np.float32) if len(findings) else healthy.copy()
     return Phantom(image, healthy, chest.lungs, lesions, tuple(findings))
+
+
+from datamodules import phantoms_heldout  # noqa: E402,F401  (registers the "heldout" family)

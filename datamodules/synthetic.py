@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
 from datamodules.base import CXRDataModule
-from datamodules.phantoms import FINDINGS, Finding, Phantom, render_phantom, sample_findings
+from datamodules.phantoms import FINDINGS, Finding, Phantom, family, render_phantom, sample_findings
 from datamodules.prompts import PromptBank
 from datamodules.sampling import SampleKey, sample_key
 
@@ -70,9 +70,12 @@ class SyntheticCXRDataset(Dataset):
         p_healthy: float = 0.4,
         p_second: float = 0.25,
         cache: bool = False,
+        family_name: str = "standard",
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+        family(family_name)  # an unknown family fails here, naming the valid ones
+        self.family = family_name
         self.split, self.length, self.bank, self.image_size = split, length, bank, image_size
         self.seed, self.p_healthy, self.p_second = seed, p_healthy, p_second
         self._cache: dict[int, dict] | None = {} if cache else None
@@ -109,7 +112,7 @@ class SyntheticCXRDataset(Dataset):
         rng = self._rng(i)
         findings = sample_findings(rng, self.p_healthy, self.p_second)
         prompt = self.bank.report(findings, rng)
-        return prompt, render_phantom(rng, findings, self.image_size)
+        return prompt, render_phantom(rng, findings, self.image_size, self.family)
 
     def phantom(self, i: int) -> Phantom:
         return self.sample(i)[1]
@@ -162,6 +165,7 @@ class SyntheticCXRDataModule(CXRDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         cache: bool = False,
+        family: str = "standard",
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
@@ -184,6 +188,7 @@ class SyntheticCXRDataModule(CXRDataModule):
                     self.p_healthy,
                     self.p_second,
                     self.hparams.cache,
+                    self.hparams.family,
                 ),
             )
 
@@ -256,7 +261,8 @@ def write_covid_layout(dataset: SyntheticCXRDataset, root: str | Path, limit: in
     (root / "README.md.txt").write_text(
         "Synthetic chest X-ray phantoms written by VALD (datamodules/synthetic.py) in the layout of the\n"
         "COVID-19 Radiography Database. Nothing here comes from a patient.\n\n"
-        f"split: {dataset.split}, seed: {dataset.seed}, image size: {size}, images: {sum(counts.values())}\n"
+        f"split: {dataset.split}, family: {dataset.family}, seed: {dataset.seed}, image size: {size}, "
+        f"images: {sum(counts.values())}\n"
         f"per class: {json.dumps(counts)}\n\n"
         "Classes: healthy -> Normal; else by the first finding: ground_glass -> COVID,\n"
         "consolidation -> Viral Pneumonia, nodule or effusion -> Lung_Opacity.\n"
@@ -308,10 +314,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--num", type=int, default=4000, help="size of the split")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", default="standard", help="phantom family: standard or heldout")
     parser.add_argument("--contact-sheet", default=None, help="also save a contact sheet PNG of the first 8 phantoms")
     args = parser.parse_args(argv)
     sizes = {f"num_{s}": args.num for s in SPLITS}
-    dm = SyntheticCXRDataModule(image_size=args.image_size, seed=args.seed, **sizes)
+    dm = SyntheticCXRDataModule(image_size=args.image_size, seed=args.seed, family=args.family, **sizes)
     counts = dm.write_covid_layout(args.out, split=args.split, limit=args.limit)
     if args.contact_sheet:
         save_contact_sheet(dm.dataset(args.split), args.contact_sheet)

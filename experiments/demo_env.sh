@@ -6,4 +6,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
 export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}
 export MKL_CBWR=${MKL_CBWR:-AVX2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-LOGS=logs/demo
+LOGS=${LOGS:-logs/demo}

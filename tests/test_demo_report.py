@@ -42,12 +42,15 @@ def test_report_collects_timings_tables_and_induction_means(tmp_path):
     text = demo_report.main([str(tmp_path), "--results", str(results)])
 
     assert (tmp_path / "report.md").read_text() == text == results.read_text()
-    assert text.splitlines()[2] == demo_report.HEADER
-    assert "make demo" in demo_report.HEADER and "do not edit by hand" in demo_report.HEADER
+    assert text.splitlines()[2] == demo_report.HEADER.format(target="demo")
+    assert "re-run `make demo`" in text and "do not edit by hand" in text
     assert "| **total** | **780** (13.0 min) |" in text
     assert "| inversion | 0.733 |" in text and "title line dropped" not in text
     row = "| effusion | small left pleural effusion | 6 | 1.000 | 0.988 | 0.100 | 0.400 | 0.167 | 0.833 | - | - |"
     assert row in text
+
+    heldout = demo_report.main([str(tmp_path), "--results", str(results), "--target", "demo-heldout"])
+    assert heldout.startswith("# What `make demo-heldout` measured") and "re-run `make demo-heldout`" in heldout
 
 
 def test_report_names_what_is_missing(tmp_path):

@@ -1,21 +1,28 @@
-"""The phantom generator and the lung zones: exact masks, visible findings, plausible anatomy, seeded draws."""
+"""The phantom generator and the lung zones: exact masks, visible findings, plausible anatomy, seeded draws.
+
+The invariants every family must keep are parametrized over ``FAMILIES``; the rest describe the standard phantoms.
+"""
 
 import numpy as np
 import pytest
 
-from datamodules.phantoms import FINDINGS, FLOOR, Finding, render_phantom, sample_findings
+from datamodules.phantoms import FAMILIES, FINDINGS, FLOOR, Finding, render_phantom, sample_findings
 from datamodules.zones import LEVELS, SIDES, ZONES, level_masks, split_lungs, zone_mask, zone_masks
 
 EVERY_FINDING = [Finding(k, s, z) for k in FINDINGS for s in SIDES for z in (("lower",) if k == "effusion" else LEVELS)]
 
 
-def phantom(seed, findings=(), size=64):
-    return render_phantom(np.random.default_rng(seed), tuple(findings), size)
+every_family = pytest.mark.parametrize("family", sorted(FAMILIES))
 
 
+def phantom(seed, findings=(), size=64, family="standard"):
+    return render_phantom(np.random.default_rng(seed), tuple(findings), size, family)
+
+
+@every_family
 @pytest.mark.parametrize("size", [64, 128, 256])
-def test_shapes_dtypes_ranges(size):
-    ph = phantom(0, [Finding("nodule", "left", "middle"), Finding("effusion", "right", "lower")], size)
+def test_shapes_dtypes_ranges(size, family):
+    ph = phantom(0, [Finding("nodule", "left", "middle"), Finding("effusion", "right", "lower")], size, family)
     for img in (ph.image, ph.healthy):
         assert img.shape == (size, size) and img.dtype == np.float32
         assert 0.0 <= img.min() and img.max() <= 1.0 and img.std() > 0.1
@@ -23,10 +30,11 @@ def test_shapes_dtypes_ranges(size):
     assert ph.lesions.shape == (2, size, size) and ph.lesions.dtype == bool
 
 
+@every_family
 @pytest.mark.parametrize("finding", EVERY_FINDING, ids=lambda f: "-".join(f))
-def test_mask_is_exactly_the_changed_pixels(finding):
+def test_mask_is_exactly_the_changed_pixels(finding, family):
     for seed in range(3):
-        ph = phantom(seed, [finding])
+        ph = phantom(seed, [finding], family=family)
         changed = ph.image != ph.healthy
         assert changed.any()
         np.testing.assert_array_equal(changed, ph.mask)
@@ -40,34 +48,38 @@ def test_mask_exact_for_two_findings_at_256():
     assert ph.finding_mask("nodule").sum() == 0 and (ph.finding_mask("consolidation") == ph.lesions[0]).all()
 
 
-def test_healthy_phantom_is_its_own_twin():
-    ph = phantom(3)
+@every_family
+def test_healthy_phantom_is_its_own_twin(family):
+    ph = phantom(3, family=family)
     assert ph.findings == () and ph.lesions.shape[0] == 0 and not ph.mask.any()
     assert ph.image.tobytes() == ph.healthy.tobytes()
 
 
-def test_findings_do_not_change_the_patient():
+@every_family
+def test_findings_do_not_change_the_patient(family):
     """Anatomy and acquisition are drawn before the findings: asking for a finding keeps the same patient."""
-    a, b = phantom(11), phantom(11, [Finding("nodule", "right", "upper")])
+    a, b = phantom(11, family=family), phantom(11, [Finding("nodule", "right", "upper")], family=family)
     np.testing.assert_array_equal(a.lungs, b.lungs)
     assert np.abs(a.healthy - b.healthy)[~b.mask].mean() < 0.03  # only the detector noise differs
 
 
+@every_family
 @pytest.mark.parametrize(
     "kind,least", [("nodule", 0.1), ("ground_glass", 0.04), ("consolidation", 0.1), ("effusion", 0.1)]
 )
-def test_findings_clearly_visible_at_64(kind, least):
+def test_findings_clearly_visible_at_64(kind, least, family):
     gains = []
     for seed, f in enumerate(f for f in EVERY_FINDING if f.kind == kind):
-        ph = phantom(100 + seed, [f])
+        ph = phantom(100 + seed, [f], family=family)
         gains.append((ph.image - ph.healthy)[ph.mask].mean())
         assert (ph.image - ph.healthy)[ph.mask].min() > 0, "findings are hyperdense everywhere in their mask"
     assert np.mean(gains) > least
 
 
-def test_ground_glass_fainter_than_consolidation():
+@every_family
+def test_ground_glass_fainter_than_consolidation(family):
     def gain(kind):
-        phs = [phantom(s, [Finding(kind, "right", "middle")]) for s in range(6)]
+        phs = [phantom(s, [Finding(kind, "right", "middle")], family=family) for s in range(6)]
         return np.mean([(ph.image - ph.healthy)[ph.mask].mean() for ph in phs])
 
     assert gain("ground_glass") < 0.7 * gain("consolidation")
@@ -80,18 +92,20 @@ def test_nodules_are_several_pixels_across():
         assert diameters.min() >= 3.5 * size / 64 and diameters.max() <= 9 * size / 64
 
 
-def test_findings_lie_in_their_zone():
+@every_family
+def test_findings_lie_in_their_zone(family):
     for seed, f in enumerate(EVERY_FINDING):
-        ph = phantom(200 + seed, [f])
+        ph = phantom(200 + seed, [f], family=family)
         zone = zone_mask(ph.lung_mask, f"{f.side}-{f.zone}")
         inside = (ph.mask & zone).sum() / ph.mask.sum()
         assert inside > (0.45 if f.kind == "ground_glass" else 0.6), (f, inside)
 
 
-def test_effusion_fills_the_costophrenic_angle():
+@every_family
+def test_effusion_fills_the_costophrenic_angle(family):
     for seed in range(6):
         side = SIDES[seed % 2]
-        ph = phantom(300 + seed, [Finding("effusion", side, "lower")])
+        ph = phantom(300 + seed, [Finding("effusion", side, "lower")], family=family)
         lung = ph.lungs[SIDES.index(side)]
         bottom = np.nonzero(lung.any(1))[0][-1]
         assert ph.mask[bottom].any(), "the lowest lung row (the angle) is blunted"
@@ -99,10 +113,11 @@ def test_effusion_fills_the_costophrenic_angle():
         assert rows[0] > np.nonzero(lung.any(1))[0].mean(), "fluid stays at the base"
 
 
-def test_anatomy_radiological_convention():
+@every_family
+def test_anatomy_radiological_convention(family):
     """Patient's left lung on the image right, smaller (the heart bulges into it); lungs darker than the body."""
     for seed in range(8):
-        ph = phantom(seed, size=64)
+        ph = phantom(seed, size=64, family=family)
         right, left = ph.lungs
         assert np.nonzero(right)[1].mean() < 32 < np.nonzero(left)[1].mean()
         assert left.sum() < right.sum() * 1.05
@@ -115,17 +130,19 @@ def test_anatomy_radiological_convention():
         assert reach_left > reach_right + 2, "the heart pushes the left lung's border to the image right"
 
 
-def test_healthy_phantoms_vary():
-    phs = [phantom(s) for s in range(6)]
+@every_family
+def test_healthy_phantoms_vary(family):
+    phs = [phantom(s, family=family) for s in range(6)]
     for a, b in zip(phs, phs[1:], strict=False):
         assert np.abs(a.image - b.image).mean() > 0.02
         iou = (a.lung_mask & b.lung_mask).sum() / (a.lung_mask | b.lung_mask).sum()
         assert iou < 0.97
 
 
-def test_seeded_and_reproducible():
+@every_family
+def test_seeded_and_reproducible(family):
     f = [Finding("ground_glass", "left", "upper")]
-    a, b, c = phantom(5, f), phantom(5, f), phantom(6, f)
+    a, b, c = phantom(5, f, family=family), phantom(5, f, family=family), phantom(6, f, family=family)
     assert a.image.tobytes() == b.image.tobytes() and a.mask.tobytes() == b.mask.tobytes()
     assert a.image.tobytes() != c.image.tobytes()
 
