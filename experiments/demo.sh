@@ -44,4 +44,4 @@ done
 
 step "report"
 $PY experiments/demo_report.py "$OUT" --target "${TARGET:-demo}" ${RESULTS:+--results "$RESULTS"} > /dev/null
-step "done in $(( $(date +%s) - start ))s: TensorBoard logs in $LOGS, results in $OUT (summary: $OUT/report.md = docs/results.md)"
+step "done in $(( $(date +%s) - start ))s: TensorBoard logs in $LOGS, results in $OUT (summary: $OUT/report.md = ${RESULTS:-docs/results.md})"
