@@ -289,7 +289,8 @@ def test_every_settings_block_builds_its_settings(name):
 def test_null_settings_take_the_checkpoint_defaults_and_given_ones_win():
     from lightning_modules.settings import SDEditSettings
 
-    built = build_settings("evaluate", compose("evaluate", ["counterfactual.guidance_scale=4.5"]))
+    overrides = ["counterfactual.guidance_scale=4.5", "generation.guidance_scale=null"]
+    built = build_settings("evaluate", compose("evaluate", overrides))
     assert built["generation"].num_inference_steps == CHECKPOINT_SAMPLING.num_inference_steps
     assert built["generation"].guidance_scale == CHECKPOINT_SAMPLING.guidance_scale
     assert isinstance(built["counterfactual"], SDEditSettings) and built["counterfactual"].guidance_scale == 4.5
