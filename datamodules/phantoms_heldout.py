@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from datamodules.phantoms import (
+    ACQUISITION_RANGES,
     ANATOMY_RANGES,
     FAMILIES,
     Family,
@@ -44,6 +45,7 @@ ANATOMY = {
 }
 
 ACQUISITION = {
+    **ACQUISITION_RANGES,
     "shift": (-0.09, 0.09),
     "scale": (0.82, 0.98),
     "rotation_deg": (-8.0, 8.0),
