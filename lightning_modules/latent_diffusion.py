@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 
 from lightning_modules import inpainting as inpaint
 from lightning_modules.checkpoints import frozen_fingerprint
@@ -47,6 +47,7 @@ class LatentDiffusionModule(L.LightningModule):
         noise_scheduler: dict,
         inpainting: dict | None = None,
         p_uncond: float = 0.15,
+        snr_gamma: float | None = None,
         ema: dict | None = None,
         optimizer: dict | None = None,
         cache_latents: bool = True,
@@ -59,6 +60,8 @@ class LatentDiffusionModule(L.LightningModule):
         p_region = (inpainting or {}).get("p_region", 0.0)
         if not 0.0 <= p_region <= 1.0:
             raise ValueError(f"model.inpainting.p_region must be in [0, 1], got {p_region!r}")
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"model.snr_gamma must be a positive number or null (off), got {snr_gamma!r}")
         self.save_hyperparameters()
         self.vae, self.prompt_encoder, self.unet, self.noise_scheduler = build_components(
             vae, unet, prompt_encoder, noise_scheduler, image_size, inpainting
@@ -135,7 +138,12 @@ class LatentDiffusionModule(L.LightningModule):
             noisy_latents = torch.cat([noisy_latents, inpaint.condition(masks, latents)], dim=1)
         unet = self.training_unet if training else self.unet
         prediction = unet(noisy_latents, timesteps, encoder_hidden_states=embeddings).sample
-        loss = F.mse_loss(prediction, self.target(latents, noise, timesteps))
+        target = self.target(latents, noise, timesteps)
+        if training and self.hparams.snr_gamma is not None:  # validation keeps the plain MSE: comparable curves
+            per_image = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+            loss = (per_image * self.min_snr_weights(timesteps)).mean()
+        else:
+            loss = F.mse_loss(prediction, target)
         self.log(
             f"{stage}/loss",
             loss,
@@ -146,6 +154,15 @@ class LatentDiffusionModule(L.LightningModule):
             batch_size=latents.shape[0],
         )
         return loss
+
+    def min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B,) Min-SNR-gamma weights (Hang et al. 2023), as diffusers' train_text_to_image computes them: min(SNR,
+        gamma) / SNR for epsilon targets (/ (SNR + 1) for v), so the many nearly noise-free steps stop dominating."""
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        clipped = snr.clamp(max=self.hparams.snr_gamma)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped / snr
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.noise_scheduler.config.prediction_type == "v_prediction":

@@ -82,6 +82,41 @@ def test_v_prediction_target():
     torch.testing.assert_close(module.target(latents, noise, t), scheduler.get_velocity(latents, noise, t))
 
 
+def _seeded_step(module, batch, stage: str) -> torch.Tensor:
+    torch.manual_seed(0)  # the same prompt dropout, latent sample, noise and timesteps for every module
+    with torch.no_grad():
+        return module.train().training_step(batch, 0) if stage == "train" else module.eval().validation_step(batch, 0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_min_snr_gamma_over_snr(make_tiny_ldm, prediction_type):
+    module = make_tiny_ldm(snr_gamma=5.0)
+    module.noise_scheduler.register_to_config(prediction_type=prediction_type)
+    t = torch.tensor([0, 50, 200, 500, 999])
+    alphas = module.noise_scheduler.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)  # signal-to-noise ratio of q(z_t | z_0)
+    expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    weights = module.min_snr_weights(t)
+    torch.testing.assert_close(weights, expected.float())
+    if prediction_type == "epsilon":  # nearly clean steps count less; noisy ones (SNR < gamma) as before
+        assert weights[0] < 0.01 and weights[-1] == 1.0
+
+
+def test_snr_gamma_weights_the_training_loss_only(make_tiny_ldm):
+    batch = ldm_batch()
+    plain, capped, uncapped = make_tiny_ldm(), make_tiny_ldm(snr_gamma=1e-3), make_tiny_ldm(snr_gamma=1e9)
+    # a gamma above every step's SNR weighs every image 1: the plain MSE (averaged per image first)
+    torch.testing.assert_close(_seeded_step(uncapped, batch, "train"), _seeded_step(plain, batch, "train"))
+    assert _seeded_step(capped, batch, "train") < 0.1 * _seeded_step(plain, batch, "train")
+    assert _seeded_step(capped, batch, "val") == _seeded_step(plain, batch, "val")  # comparable validation curves
+
+
+@pytest.mark.parametrize("gamma", [0.0, -1.0])
+def test_snr_gamma_must_be_positive(make_tiny_ldm, gamma):
+    with pytest.raises(ValueError, match="model.snr_gamma must be a positive number or null"):
+        make_tiny_ldm(snr_gamma=gamma)
+
+
 # ---- the sampling context -----------------------------------------------------------------------------------------
 def _shift_ema(module, by: float = 0.5) -> None:
     """Make the EMA differ from the live weights, as after training."""

@@ -31,6 +31,7 @@ MODULE_KEYS = (
     "noise_scheduler",
     "inpainting",
     "p_uncond",
+    "snr_gamma",
     "ema",
     "optimizer",
     "compile",
