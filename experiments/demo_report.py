@@ -46,19 +46,37 @@ def timings(root: Path) -> list[str]:
     ]
 
 
+def real_recall(root: Path) -> dict[str, float | None]:
+    """Per finding, the share of real test images with it that the classifier recognises (evaluation's prompt
+    fidelity): the reference for induction's "recognised", since an induced finding as conspicuous as a real one
+    would reach just that."""
+    path = root / "evaluation" / "metrics.json"
+    fidelity = json.loads(path.read_text()).get("prompt_fidelity") if path.is_file() else None
+    return {name: row["real"].get("called") for name, row in (fidelity or {}).items() if "real" in row}
+
+
 def induction(root: Path) -> list[str]:
     runs = sorted((root / "induction").glob("*/metrics.json"))
     if not runs:
         return ["(no induction run)"]
+    recall = real_recall(root)
     lines = [
-        "| finding | prompt | inductions | " + " | ".join(name for _, name in INDUCTION_COLUMNS) + " |",
-        "|---|---|---:|" + "---:|" * len(INDUCTION_COLUMNS),
+        "| finding | prompt | inductions | "
+        + " | ".join(name for _, name in INDUCTION_COLUMNS)
+        + " | real images: recognised |",
+        "|---|---|---:|" + "---:|" * (len(INDUCTION_COLUMNS) + 1),
     ]
     for path in runs:
-        m = json.loads(path.read_text())
-        cells = ["-" if m.get(key) is None else f"{m[key]:.3f}" for key, _ in INDUCTION_COLUMNS]
-        lines.append(f"| {path.parent.name} | {m['prompt']} | {len(m['per_sample'])} | " + " | ".join(cells) + " |")
-    return lines
+        m, finding = json.loads(path.read_text()), path.parent.name
+        values = [m.get(key) for key, _ in INDUCTION_COLUMNS] + [recall.get(finding)]
+        cells = ["-" if value is None else f"{value:.3f}" for value in values]
+        lines.append(f"| {finding} | {m['prompt']} | {len(m['per_sample'])} | " + " | ".join(cells) + " |")
+    return lines + [
+        "",
+        "Real images: recognised: the share of real test images with the finding that the same classifier calls "
+        "present (p ≥ 0.5; evaluation's prompt fidelity, above): what an induced finding as conspicuous as a real "
+        "one would reach.",
+    ]
 
 
 def section(title: str, command: str, body: list[str] | str) -> list[str]:

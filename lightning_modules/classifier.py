@@ -23,6 +23,8 @@ from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.optim import adamw_with_warmup, grad_scaled
 
 ABNORMAL = "abnormal"
+#: the classifier calls an output present at or above this probability (induction's "recognised", fidelity's "called")
+CALLED = 0.5
 SALIENCY_METHODS = ("gradcam", "gradient_x_input")
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from lightning_modules.classifier import ABNORMAL
+from lightning_modules.classifier import ABNORMAL, CALLED
 from lightning_modules.generation_metrics import NORMAL
 
 
@@ -31,8 +31,11 @@ def prompt_fidelity(
     (N, K). Row f compares p(f) on the images whose prompt names f with p(f) on the normal ones (no finding and,
     with a ``label_mask``, none unknown); row ``Normal`` compares p(abnormal) on the normal ones with it on those
     naming any finding. ``auroc``: how well that output separates the two sets (torchmetrics' binary AUROC, the
-    finding side positive), so on the real images it is the ceiling the classifier itself reaches. An image with
-    several findings counts for each; None where a set is empty.
+    finding side positive), so on the real images it is the ceiling the classifier itself reaches. ``called``: the
+    share of the prompted set the classifier calls positive (p >= ``CALLED``): normal samples called abnormal, and
+    per finding the share recognised, whose value on the real images (the classifier's recall) bounds what any
+    generated or induced finding can reach. An image with several findings counts for each; None where a set is
+    empty.
     """
     present = labels >= 0.5  # (N, K)
     known = torch.ones_like(present) if label_mask is None else label_mask >= 0.5
@@ -54,6 +57,7 @@ def prompt_fidelity(
             score = p[:, column].float()  # (N,)
             fidelity[row][images] = {
                 "p_prompted": _mean(score[prompted]),
+                "called": _mean((score[prompted] >= CALLED).float()),
                 "p_reference": _mean(score[reference]),
                 "auroc": float(binary_auroc(score[both], finding[both].long())) if separable else None,
             }

@@ -40,13 +40,22 @@ def test_report_collects_timings_tables_and_induction_means(tmp_path):
 
     results = tmp_path / "docs" / "results.md"
     text = demo_report.main([str(tmp_path), "--results", str(results)])
+    row = "| effusion | small left pleural effusion | 6 | 1.000 | 0.988 | 0.100 | 0.400 | 0.167 | 0.833 | - | - | - |"
+    assert row in text  # no evaluation metrics.json: no reference recall
+
+    # the classifier's recall on real effusions (evaluation's prompt fidelity) sits beside the induced share
+    fidelity = {"effusion": {"real": {"called": 0.75}, "generated": {"called": 0.25}}, "Normal": {"real": {}}}
+    (tmp_path / "evaluation" / "metrics.json").write_text(json.dumps({"prompt_fidelity": fidelity}))
+    text = demo_report.main([str(tmp_path), "--results", str(results)])
 
     assert (tmp_path / "report.md").read_text() == text == results.read_text()
     assert text.splitlines()[2] == demo_report.HEADER.format(target="demo")
     assert "re-run `make demo`" in text and "do not edit by hand" in text
     assert "| **total** | **780** (13.0 min) |" in text
     assert "| inversion | 0.733 |" in text and "title line dropped" not in text
-    row = "| effusion | small left pleural effusion | 6 | 1.000 | 0.988 | 0.100 | 0.400 | 0.167 | 0.833 | - | - |"
+    row = (
+        "| effusion | small left pleural effusion | 6 | 1.000 | 0.988 | 0.100 | 0.400 | 0.167 | 0.833 | - | - | 0.750 |"
+    )
     assert row in text
 
     heldout = demo_report.main([str(tmp_path), "--results", str(results), "--target", "demo-heldout"])

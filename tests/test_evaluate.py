@@ -176,13 +176,18 @@ def test_prompt_fidelity_compares_each_prompt_with_its_reference():
 
     nodule, effusion, normal = fidelity["nodule"], fidelity["effusion"], fidelity["Normal"]
     assert (nodule["n"], nodule["n_reference"], nodule["reference"]) == (2, 2, "Normal")
-    assert nodule["generated"] == pytest.approx({"p_prompted": 0.65, "p_reference": 0.35, "auroc": 0.75})
-    assert effusion["generated"] == pytest.approx({"p_prompted": 0.45, "p_reference": 0.2, "auroc": 0.75})
-    # Normal: p(abnormal) on the 2 normal images vs the 3 with a finding; 5 of the 6 pairs ordered as they should be
+    assert nodule["generated"] == pytest.approx({"p_prompted": 0.65, "called": 0.5, "p_reference": 0.35, "auroc": 0.75})
+    assert effusion["generated"] == pytest.approx(
+        {"p_prompted": 0.45, "called": 0.5, "p_reference": 0.2, "auroc": 0.75}
+    )
+    # Normal: p(abnormal) on the 2 normal images vs the 3 with a finding; 5 of the 6 pairs ordered as they should be;
+    # one of the two normal samples (0.6) is called abnormal
     assert (normal["score"], normal["n"], normal["n_reference"]) == ("abnormal", 2, 3)
-    assert normal["generated"] == pytest.approx({"p_prompted": 0.45, "p_reference": 0.7, "auroc": 5 / 6})
+    assert normal["generated"] == pytest.approx({"p_prompted": 0.45, "called": 0.5, "p_reference": 0.7, "auroc": 5 / 6})
     assert nodule["real"]["auroc"] == effusion["real"]["auroc"] == normal["real"]["auroc"] == 1.0
-    assert fidelity["mass"]["n"] == 0 and fidelity["mass"]["generated"]["auroc"] is None  # nothing prompted with it
+    assert nodule["real"]["called"] == effusion["real"]["called"] == 1.0 and normal["real"]["called"] == 0.0
+    assert fidelity["mass"]["n"] == 0  # nothing prompted with it
+    assert fidelity["mass"]["generated"]["auroc"] is None and fidelity["mass"]["generated"]["called"] is None
     assert fidelity["mass"]["generated"]["p_reference"] == pytest.approx(0.2)
 
     # an image with an unknown label is normal for no one: image 2 leaves every reference set
@@ -191,6 +196,7 @@ def test_prompt_fidelity_compares_each_prompt_with_its_reference():
     masked = prompt_fidelity({"generated": generated}, labels, names, mask)
     assert masked["nodule"]["n_reference"] == 1 and masked["nodule"]["generated"]["auroc"] == 1.0
     assert masked["Normal"]["generated"]["p_prompted"] == pytest.approx(0.3)
+    assert masked["Normal"]["generated"]["called"] == 0.0  # the one left (0.3) is not called abnormal
 
 
 def test_each_image_gets_the_same_noise_whatever_its_batch(tiny_pipeline):

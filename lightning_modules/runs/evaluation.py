@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from configs import instantiate
 from datamodules.base import CXRDataModule, spread_indices
-from lightning_modules.classifier import ABNORMAL, FindingClassifier
+from lightning_modules.classifier import ABNORMAL, CALLED, FindingClassifier
 from lightning_modules.fid import build_extractors, find_inception_weights
 from lightning_modules.generation_metrics import (
     NORMAL,
@@ -241,7 +241,7 @@ def _cell(value: float | None, digits: str) -> str:
 
 def fidelity_markdown(report: dict[str, Any]) -> list[str]:
     """Per class: the classifier's mean output on samples whose prompt names it vs on the reference samples, the
-    AUROC between them, and the same on the real images (the classifier's own ceiling)."""
+    share it calls positive, the AUROC between them, and the same on the real images (the classifier's own ceiling)."""
     fidelity = report["prompt_fidelity"]
     if fidelity is None:
         return []
@@ -250,9 +250,11 @@ def fidelity_markdown(report: dict[str, Any]) -> list[str]:
         "Classifier output",
         "n (vs reference)",
         "Samples: p prompted",
+        f"called (p ≥ {CALLED:g})",
         "p reference",
         "AUROC",
         "Real: p prompted",
+        "called (recall)",
         "p reference",
         "AUROC (ceiling)",
     ]
@@ -266,7 +268,7 @@ def fidelity_markdown(report: dict[str, Any]) -> list[str]:
         values = [
             _cell(row[images][key], ".3f")
             for images in ("generated", "real")
-            for key in ("p_prompted", "p_reference", "auroc")
+            for key in ("p_prompted", "called", "p_reference", "auroc")
         ]
         lines.append(
             "| "
@@ -280,8 +282,10 @@ def fidelity_markdown(report: dict[str, Any]) -> list[str]:
         "Samples: the generated images above, each prompted with its real image's prompt. A finding's "
         "row: samples whose prompt names it vs normal-prompted samples; Normal's row: p(abnormal) on "
         "normal-prompted samples vs on finding-prompted ones. AUROC: how well that output separates the "
-        "two sets (finding side positive); on the real images, what the classifier itself reaches. An "
-        "image with several findings counts for each.",
+        "two sets (finding side positive); on the real images, what the classifier itself reaches. Called: the "
+        f"share of the prompted set at p ≥ {CALLED:g} (Normal's row: normal samples called abnormal); on the "
+        "real images, the classifier's recall: what an induced finding as conspicuous as a real one would reach. "
+        "An image with several findings counts for each.",
         "",
     ]
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from configs import instantiate
 from datamodules.base import CXRDataModule, to_unit_range
 from datamodules.folder import ImageFolder
-from lightning_modules.classifier import FindingClassifier
+from lightning_modules.classifier import CALLED, FindingClassifier
 from lightning_modules.overlays import save_array, save_gray_png
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.regions import RegionError, RegionSpec, inside_fraction, ssim_outside
@@ -307,12 +307,12 @@ def write_panels(out: Path, inputs: Inputs, records: list[dict]) -> None:
 
 def summarize(records: list[dict]) -> dict[str, float | None]:
     """Means over inputs and seeds; ``classifier_recognised_fraction``: share the classifier calls the finding
-    present in (p >= 0.5), the target; ``classifier_rise_fraction``: share where its probability merely rose."""
+    present in (p >= ``CALLED``), the target; ``classifier_rise_fraction``: share where its probability merely rose."""
     scores = [record["scores"] for record in records]
     summary = {key: float(np.mean([s[key] for s in scores])) if key in scores[0] else None for key in SCORES}
     scored = summary["classifier_prob_after"] is not None
     summary["classifier_recognised_fraction"] = (
-        float(np.mean([s["classifier_prob_after"] >= 0.5 for s in scores])) if scored else None
+        float(np.mean([s["classifier_prob_after"] >= CALLED for s in scores])) if scored else None
     )
     summary["classifier_rise_fraction"] = (
         float(np.mean([s["classifier_prob_after"] > s["classifier_prob_before"] for s in scores])) if scored else None
