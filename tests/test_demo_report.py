@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from experiments import demo_report
+from lightning_modules.runs.report import HEADER
 
 REPO = Path(__file__).resolve().parent.parent  # tests/ sits in the repository root
 
@@ -49,7 +50,7 @@ def test_report_collects_timings_tables_and_induction_means(tmp_path):
     text = demo_report.main([str(tmp_path), "--results", str(results)])
 
     assert (tmp_path / "report.md").read_text() == text == results.read_text()
-    assert text.splitlines()[2] == demo_report.HEADER.format(target="demo")
+    assert text.splitlines()[2] == HEADER.format(target="demo")
     assert "re-run `make demo`" in text and "do not edit by hand" in text
     assert "| **total** | **780** (13.0 min) |" in text
     assert "| inversion | 0.733 |" in text and "title line dropped" not in text

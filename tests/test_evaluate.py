@@ -13,6 +13,7 @@ from torch.utils.data import default_collate
 from datamodules.synthetic import FINDINGS, SyntheticCXRDataModule
 from experiments import evaluate, train
 from lightning_modules.checkpoints import read_hparams
+from lightning_modules.classifier import CALLED
 from lightning_modules.generation_metrics import evaluation_images
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.prompt_fidelity import prompt_fidelity
@@ -197,6 +198,12 @@ def test_prompt_fidelity_compares_each_prompt_with_its_reference():
     assert masked["nodule"]["n_reference"] == 1 and masked["nodule"]["generated"]["auroc"] == 1.0
     assert masked["Normal"]["generated"]["p_prompted"] == pytest.approx(0.3)
     assert masked["Normal"]["generated"]["called"] == 0.0  # the one left (0.3) is not called abnormal
+
+    # a probability exactly at the threshold is called, as induction's "recognised" counts it
+    at = prompt_fidelity(
+        {"generated": torch.tensor([[CALLED, CALLED], [0.1, 0.1]])}, torch.tensor([[1.0], [0.0]]), ["a"]
+    )
+    assert at["a"]["generated"]["called"] == 1.0
 
 
 def test_each_image_gets_the_same_noise_whatever_its_batch(tiny_pipeline):
