@@ -232,7 +232,7 @@ def build_settings(name: str, cfg: DictConfig) -> dict:
         assert cfg.baselines.reconstruction.method in COUNTERFACTUAL_METHODS
         assert set(cfg.overlays.methods) <= set(cfg.methods)
         for kind in [cfg.map.kind, *cfg.tune.map.kind]:
-            for sigma in [cfg.map.sigma, *cfg.tune.map.sigma]:
+            for sigma in [cfg.map.sigma, cfg.map.refined_sigma, *cfg.tune.map.sigma]:
                 attribution_map(torch.zeros(1, 1, 64, 64), kind, sigma)
     elif name == "induction":
         built["induction"] = InductionSettings.build(defaults, **block(cfg.induction))

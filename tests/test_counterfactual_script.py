@@ -15,6 +15,7 @@ from PIL import Image
 
 from experiments import counterfactual_attribution, train, train_autoencoder, train_classifier
 from lightning_modules.pipeline import LatentDiffusionPipeline
+from lightning_modules.runs import attribution
 from tests.fixtures_real_data import encode, gray, write
 
 ALL = ["sdedit", "inversion", "refined", "mean_healthy", "reconstruction", "diffedit", "saliency"]
@@ -192,6 +193,7 @@ def fake_checkpoint(tmp_path) -> Path:
     [
         ("input=/no/such/folder", "input: no such file or folder: /no/such/folder"),
         ("map.kind=signed", "bad configuration:\n  map.kind must be one of"),
+        ("map.refined_sigma=-1.0", "bad configuration:\n  map.sigma, map.refined_sigma: pixels >= 0"),
         ("methods=[sdedit,gradcam]", "methods: unknown 'gradcam'"),
         ("tune.split=test", "never tuned on the test split"),
         ("sdedit.num_inference_steps=5", "sdedit: strength 0.1 of 5 steps runs no denoising step"),
@@ -232,6 +234,21 @@ def test_a_good_request_reaches_the_model(fake_checkpoint, monkeypatch, tmp_path
         )
 
 
+def test_refined_maps_take_their_own_smoothing_and_no_other_method_does(checkpoints, tmp_path):
+    """map.refined_sigma changes refined's maps only; at 0 px refined's map is exactly zero wherever its second pass
+    kept the input (outside the edit mask), which smoothing would blur."""
+    for sigma in ("0.0", "3.0"):
+        run(checkpoints, tmp_path / sigma, "methods=[inversion,refined]", f"map.refined_sigma={sigma}")
+    maps = {
+        (sigma, method): np.stack([np.load(f) for f in sorted((tmp_path / sigma / "maps" / method).glob("*.npy"))])
+        for sigma in ("0.0", "3.0")
+        for method in ("inversion", "refined")
+    }
+    assert np.array_equal(maps["0.0", "inversion"], maps["3.0", "inversion"])
+    assert not np.allclose(maps["0.0", "refined"], maps["3.0", "refined"])
+    assert (maps["0.0", "refined"] == 0).mean() > (maps["3.0", "refined"] == 0).mean()
+
+
 def test_tuning_searches_the_validation_split(checkpoints, tmp_path):
     report = run(
         checkpoints,
@@ -249,3 +266,7 @@ def test_tuning_searches_the_validation_split(checkpoints, tmp_path):
     best = report["best"]["inversion"]
     assert best["auprc"] == max(t["auprc"] for t in report["trials"])
     assert json.loads((tmp_path / "tune.json").read_text())["best"]["inversion"] == best
+    report["best"]["refined"] = {**best, "method": "refined"}  # the overrides name each method's own map smoothing
+    inversion, refined = attribution.best_settings(report)
+    assert inversion.endswith(f"map.sigma={best['map.sigma']}") and "refined_sigma" not in inversion
+    assert refined.endswith(f"map.refined_sigma={best['map.sigma']}")

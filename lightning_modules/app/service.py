@@ -122,7 +122,7 @@ class Explorer:
         settings = {METHODS[method]: float(amount), "guidance_scale": float(guidance_scale)}
         chosen = build(method, self.attribution, self.sampling, **settings, num_inference_steps=int(steps))
         models = Models(self.pipeline, self.classifier)
-        kind, sigma = self.attribution.map.kind, self.attribution.map.sigma
+        kind, sigma = self.attribution.map.kind, attribution.map_sigma(self.attribution, method)
         output = attribution.attribute(chosen, image, models, int(seed), kind, sigma)
         p_before = attribution.abnormal_probability(models, image)
         p_after = attribution.abnormal_probability(models, output.counterfactual01 * 2 - 1)

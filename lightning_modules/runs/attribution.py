@@ -51,6 +51,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append("methods: none given")
     if cfg.map.kind not in SCORED_KINDS:
         problems.append(f"map.kind must be one of {SCORED_KINDS}, got {cfg.map.kind!r}")
+    if not (cfg.map.sigma >= 0 and cfg.map.refined_sigma >= 0):
+        problems.append(f"map.sigma, map.refined_sigma: pixels >= 0, got {cfg.map.sigma}, {cfg.map.refined_sigma}")
     if not Path(cfg.checkpoint).is_file():
         problems.append(f"checkpoint: no file at {cfg.checkpoint} (train one: make demo, or experiments/train.py)")
     if cfg.split not in SPLITS or cfg.tune.split not in SPLITS:
@@ -66,6 +68,11 @@ def check_config(cfg: DictConfig) -> None:
 def build_methods(cfg: DictConfig, defaults: SamplingSettings) -> dict[str, Method]:
     """Every method of ``cfg.methods`` (duplicates once), its settings validated; ``defaults``: the checkpoint's."""
     return {name: build(name, cfg, defaults) for name in dict.fromkeys(cfg.methods)}
+
+
+def map_sigma(cfg: DictConfig, method: str) -> float:
+    """The smoothing of ``method``'s map in pixels: ``map.refined_sigma`` for refined, ``map.sigma`` for the rest."""
+    return cfg.map.refined_sigma if method == "refined" else cfg.map.sigma
 
 
 @dataclass
@@ -278,7 +285,7 @@ class AttributionTask(L.LightningModule):
         rows = [base_row(batch, i, names, bool(scored[i]), p_input) for i in range(len(ids))]
         for name, method in self.methods.items():
             output = attribute(
-                method, images, models, cfg.seed + unit, cfg.map.kind, cfg.map.sigma, batch.get("prompt")
+                method, images, models, cfg.seed + unit, cfg.map.kind, map_sigma(cfg, name), batch.get("prompt")
             )
             result["outputs"][name] = output
             scores01 = normalize_per_image(output.map)
@@ -558,6 +565,7 @@ def best_settings(report: dict) -> list[str]:
         )
         lines.append(
             f"best {method} on {report['split']} ({report['images']} abnormal images): AUPRC "
-            f"{best['auprc']:.3f}  ->  {overrides} map.kind={best['map.kind']} map.sigma={best['map.sigma']}"
+            f"{best['auprc']:.3f}  ->  {overrides} map.kind={best['map.kind']} "
+            f"map.{'refined_sigma' if method == 'refined' else 'sigma'}={best['map.sigma']}"
         )
     return lines
