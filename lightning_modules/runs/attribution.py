@@ -70,9 +70,15 @@ def build_methods(cfg: DictConfig, defaults: SamplingSettings) -> dict[str, Meth
     return {name: build(name, cfg, defaults) for name in dict.fromkeys(cfg.methods)}
 
 
+def map_sigma_key(method: str) -> str:
+    """The ``map`` key that smooths ``method``'s map: refined's own (its map is zero outside its edit mask), else
+    the shared one."""
+    return "refined_sigma" if method == "refined" else "sigma"
+
+
 def map_sigma(cfg: DictConfig, method: str) -> float:
-    """The smoothing of ``method``'s map in pixels: ``map.refined_sigma`` for refined, ``map.sigma`` for the rest."""
-    return cfg.map.refined_sigma if method == "refined" else cfg.map.sigma
+    """The smoothing of ``method``'s map in pixels."""
+    return cfg.map[map_sigma_key(method)]
 
 
 @dataclass
@@ -566,6 +572,6 @@ def best_settings(report: dict) -> list[str]:
         lines.append(
             f"best {method} on {report['split']} ({report['images']} abnormal images): AUPRC "
             f"{best['auprc']:.3f}  ->  {overrides} map.kind={best['map.kind']} "
-            f"map.{'refined_sigma' if method == 'refined' else 'sigma'}={best['map.sigma']}"
+            f"map.{map_sigma_key(method)}={best['map.sigma']}"
         )
     return lines
