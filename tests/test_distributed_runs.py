@@ -1,5 +1,7 @@
 """Attribution and induction through Lightning's predict on several processes (2 gloo ranks here), killed and
-resumed: every image once, and the same bytes as one uninterrupted process."""
+resumed: every image once, and the same bytes as one uninterrupted process. The one-process references run inside
+the test process (a fresh interpreter's imports cost ~15 s on 2 cores); every run on 2 processes, or killed, is a
+process of its own, as users start it."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from experiments import counterfactual_attribution, evaluate, zero_shot_induction
 from lightning_modules.runs.units import Parts, claim_output, fingerprint, plan_units
 from tests.test_counterfactual_script import FEW_STEPS, checkpoints  # noqa: F401 (checkpoints: a module fixture)
 
@@ -21,10 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 7  # 4 units of 2: rank 0 takes units 0 and 2, rank 1 units 1 and 3 (the short one)
 
 
-def command(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa: F811
+def attribution(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa: F811
+    """The arguments of a 2-step attribution of the ``IMAGES`` test phantoms into ``out``."""
     return [
-        sys.executable,
-        "experiments/counterfactual_attribution.py",
         "experiment=smoke",
         f"checkpoint={checkpoints['checkpoint']}",
         f"classifier_checkpoint={checkpoints['classifier_checkpoint']}",
@@ -40,11 +42,14 @@ def command(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa
     ]
 
 
-def induce(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa: F811
-    """Induction of an effusion at 2 steps, into ``out``."""
+def command(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa: F811
+    """``attribution`` as a process of its own (the runs on 2 processes, and the ones killed)."""
+    return [sys.executable, "experiments/counterfactual_attribution.py", *attribution(checkpoints, out, *overrides)]
+
+
+def induction(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa: F811
+    """The arguments of an induction of an effusion at 2 steps, into ``out``."""
     return [
-        sys.executable,
-        "experiments/zero_shot_induction.py",
         "experiment=smoke",
         f"checkpoint={checkpoints['checkpoint']}",
         f"classifier_checkpoint={checkpoints['classifier_checkpoint']}",
@@ -55,6 +60,11 @@ def induce(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa:
     ]
 
 
+def induce(checkpoints: dict, out: Path, *overrides: str) -> list[str]:  # noqa: F811
+    """``induction`` as a process of its own."""
+    return [sys.executable, "experiments/zero_shot_induction.py", *induction(checkpoints, out, *overrides)]
+
+
 def files(out: Path) -> dict[str, bytes]:
     """Every output file but the saved run (its config records the process count)."""
     saved = ("config.yaml", "run.json")
@@ -63,8 +73,9 @@ def files(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def one_process(checkpoints, tmp_path_factory) -> Path:  # noqa: F811
+    """The reference: one process, run in this one (the import of a fresh interpreter costs ~15 s on 2 cores)."""
     out = tmp_path_factory.mktemp("one")
-    subprocess.run(command(checkpoints, out), cwd=ROOT, check=True, capture_output=True)
+    counterfactual_attribution.main(attribution(checkpoints, out))
     return out
 
 
@@ -104,20 +115,10 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(checkpoints, o
 @pytest.mark.slow
 def test_induction_on_two_processes_writes_what_one_process_writes(checkpoints, tmp_path):  # noqa: F811
     """5 normal phantoms x 2 seeds in batches of 2: 6 units, 3 per rank."""
-    outs = {}
-    for devices in (1, 2):
-        outs[devices] = tmp_path / f"induce{devices}"
-        run = induce(
-            checkpoints,
-            outs[devices],
-            "num_threads=1",
-            "data.num_test=24",
-            "num_images=5",
-            "batch_size=2",
-            "seeds=[0,1]",
-            f"devices={devices}",
-        )
-        subprocess.run(run, cwd=ROOT, check=True, capture_output=True)
+    outs = {devices: tmp_path / f"induce{devices}" for devices in (1, 2)}
+    settings = ["num_threads=1", "data.num_test=24", "num_images=5", "batch_size=2", "seeds=[0,1]"]
+    zero_shot_induction.main(induction(checkpoints, outs[1], *settings))
+    subprocess.run(induce(checkpoints, outs[2], *settings, "devices=2"), cwd=ROOT, check=True, capture_output=True)
     one, two = (files(outs[d]) for d in (1, 2))
     assert sorted(one) == sorted(two) and len([n for n in one if n.startswith("induced/")]) == 10
     assert [name for name in one if name != "metrics.json" and one[name] != two[name]] == []
@@ -134,8 +135,6 @@ def test_evaluation_on_two_processes_gives_the_numbers_of_one_process(checkpoint
     for devices in (1, 2):
         out = tmp_path / f"evaluate{devices}"
         run = [
-            sys.executable,
-            "experiments/evaluate.py",
             "experiment=smoke",
             f"checkpoint={checkpoints['checkpoint']}",
             f"classifier_checkpoint={checkpoints['classifier_checkpoint']}",
@@ -148,9 +147,12 @@ def test_evaluation_on_two_processes_gives_the_numbers_of_one_process(checkpoint
             "counterfactual.num_inference_steps=2",
             "counterfactual.strength=0.5",
             "fid.inception=false",
-            f"devices={devices}",
         ]
-        subprocess.run(run, cwd=ROOT, check=True, capture_output=True)
+        if devices == 1:
+            evaluate.main(run)
+        else:
+            two = [sys.executable, "experiments/evaluate.py", *run, "devices=2"]
+            subprocess.run(two, cwd=ROOT, check=True, capture_output=True)
         assert not (out / "parts").exists()
         reports.append((out / "metrics.json").read_bytes())
     assert reports[0] == reports[1]

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from configs import compose
 from datamodules.synthetic import SyntheticCXRDataModule
+from experiments import encode_latents
 from lightning_modules.checkpoints import frozen_fingerprint
 from lightning_modules.latent_store import LatentStore, encode, files_signature, store_path
 from lightning_modules.runs.training import latent_store
@@ -131,54 +132,60 @@ def test_augmentation_and_a_store_are_refused_together(tiny_vae_dir, tmp_path):
     assert not LatentStore.complete(path)
 
 
-@pytest.mark.slow
-def test_a_ddp_fit_writes_its_missing_store_on_every_rank_and_trains_from_it(tiny_vae_dir, tmp_path):
-    """`make train GPUS=2 ACCELERATOR=cpu ARGS=latent_store.enabled=true` with no store yet: the 2 ranks encode their
-    shards as the fit starts (the shards `make encode-latents` would write), then train from it."""
-    common = [
-        sys.executable,
-        "experiments/train.py",
-        *SMOKE,
-        f"model.vae.path={tiny_vae_dir}",
-        "data.num_train=7",
-        "data.num_val=3",
-        "trainer.max_steps=2",
-        "trainer.limit_val_batches=0",
-        "latent_store.enabled=true",
-    ]
-    two = [*common, f"log_dir={tmp_path / 'two'}", "trainer.devices=2", "trainer.strategy=ddp"]
-    done = subprocess.run(two, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    store = LatentStore(next(p for p in (tmp_path / "two" / "latents").iterdir() if p.is_dir()))
-    assert len(store.means) == 2 and len(store) == 10
-    encode = [sys.executable, "experiments/encode_latents.py", *common[2:], f"log_dir={tmp_path / 'one'}"]
-    subprocess.run(encode, cwd=ROOT, check=True, capture_output=True)
-    one = LatentStore(next(p for p in (tmp_path / "one" / "latents").iterdir() if p.is_dir()))
-    ids = sorted(one.rows)
-    for a, b in zip(one.get(ids), store.get(ids), strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    assert (tmp_path / "two" / "ldm" / "checkpoints" / "last.ckpt").is_file()
+def _store_args(vae_dir: str) -> list[str]:
+    """The arguments of `make encode-latents` / `make train` for a 7 + 3 image store."""
+    return [*SMOKE, f"model.vae.path={vae_dir}", "data.num_train=7", "data.num_val=3"]
 
 
-@pytest.mark.slow
-def test_two_processes_write_the_store_one_process_writes(tiny_vae_dir, tmp_path):
-    """`make encode-latents GPUS=2 ACCELERATOR=cpu`: 2 DDP ranks over gloo, each its shard; the same rows by id."""
-    common = [
-        sys.executable,
-        "experiments/encode_latents.py",
-        *SMOKE,
-        f"model.vae.path={tiny_vae_dir}",
-        "data.num_train=7",
-        "data.num_val=3",
-    ]
-    subprocess.run([*common, f"log_dir={tmp_path / 'one'}"], cwd=ROOT, check=True, capture_output=True)
-    two = [*common, f"log_dir={tmp_path / 'two'}", "trainer.devices=2", "trainer.strategy=ddp"]
-    subprocess.run(two, cwd=ROOT, check=True, capture_output=True)
-    one, two = (
-        LatentStore(next(p for p in (tmp_path / run / "latents").iterdir() if p.is_dir())) for run in ("one", "two")
-    )
-    assert len(one.means) == 1 and len(two.means) == 2 and one.rows.keys() == two.rows.keys()
+@pytest.fixture(scope="module")
+def one_process_store(tiny_vae_dir, tmp_path_factory) -> LatentStore:
+    """`make encode-latents` on one process, run in this one (a fresh interpreter's imports cost ~15 s): the
+    reference the 2-process stores must equal row for row."""
+    path = encode_latents.main([*_store_args(tiny_vae_dir), f"log_dir={tmp_path_factory.mktemp('one')}"])
+    store = LatentStore(path)
+    assert len(store.means) == 1 and len(store) == 10
+    return store
+
+
+def _same_rows(one: LatentStore, two: LatentStore) -> None:
+    assert len(two.means) == 2 and one.rows.keys() == two.rows.keys()
     assert sum(len(m) for m in two.means) == 10  # no image twice, none missing
     ids = sorted(one.rows)
     for a, b in zip(one.get(ids), two.get(ids), strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.slow
+def test_a_ddp_fit_writes_its_missing_store_on_every_rank_and_trains_from_it(tiny_vae_dir, one_process_store, tmp_path):
+    """`make train GPUS=2 ACCELERATOR=cpu ARGS=latent_store.enabled=true` with no store yet: the 2 ranks encode their
+    shards as the fit starts (the shards `make encode-latents` would write), then train from it."""
+    two = [
+        sys.executable,
+        "experiments/train.py",
+        *_store_args(tiny_vae_dir),
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=0",
+        "latent_store.enabled=true",
+        f"log_dir={tmp_path}",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
+    done = subprocess.run(two, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_rows(one_process_store, LatentStore(next(p for p in (tmp_path / "latents").iterdir() if p.is_dir())))
+    assert (tmp_path / "ldm" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_store_one_process_writes(tiny_vae_dir, one_process_store, tmp_path):
+    """`make encode-latents GPUS=2 ACCELERATOR=cpu`: 2 DDP ranks over gloo, each its shard; the same rows by id."""
+    two = [
+        sys.executable,
+        "experiments/encode_latents.py",
+        *_store_args(tiny_vae_dir),
+        f"log_dir={tmp_path}",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
+    subprocess.run(two, cwd=ROOT, check=True, capture_output=True)
+    _same_rows(one_process_store, LatentStore(next(p for p in (tmp_path / "latents").iterdir() if p.is_dir())))
