@@ -4,6 +4,7 @@
     python experiments/benchmark.py compile=false                # eager lines only (no 2 minutes of compilation)
     python experiments/benchmark.py --quick output_dir=/tmp/b    # tiny networks, 3 repeats: a smoke check (< 30 s)
     python experiments/benchmark.py trainer=gpu repeats=10       # one GPU, bf16 training profile
+    python experiments/benchmark.py --reference output_dir=D      # this machine's speed: the UNet step, matmul peak
 
 Random weights and fixed random inputs, so it runs on a fresh clone. The lines and the report are
 ``lightning_modules/runs/benchmark.py``; the timing harness is ``lightning_modules/runs/timing.py``.
@@ -19,8 +20,14 @@ from lightning_modules.runs.cli import load_config, run, write_results
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    quick = "--quick" in argv
-    cfg = load_config("benchmark", [*(benchmark.QUICK if quick else []), *(a for a in argv if a != "--quick")])
+    quick, only_reference = "--quick" in argv, "--reference" in argv
+    preset = [*(benchmark.QUICK if quick else []), *(benchmark.REFERENCE if only_reference else [])]
+    cfg = load_config("benchmark", [*preset, *(a for a in argv if a not in ("--quick", "--reference"))])
+    if only_reference:
+        result = benchmark.reference(cfg)
+        out = write_results(cfg.output_dir, "reference", result, benchmark.reference_markdown(result))
+        print(f"wrote {out / 'reference.json'}")
+        return result
     try:
         settings = benchmark.benchmark_settings(cfg)  # checked before anything is built or timed
     except ValueError as err:

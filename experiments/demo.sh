@@ -18,6 +18,10 @@ step() {
   echo; echo "== [$(( now - start ))s] $*"
 }
 
+# this machine's speed in the demo's own unit (stage 2's UNet step), so the report's minutes compare across machines
+step "machine reference"
+$PY experiments/benchmark.py --reference output_dir=$OUT/reference "$@" > /dev/null
+
 step "stage 1: autoencoder"
 $PY experiments/train_autoencoder.py log_dir=$LOGS trainer.enable_progress_bar=false "$@"
 mkdir -p "$OUT/autoencoder" && cp "$LOGS"/autoencoder/round_trip.{json,md} "$OUT/autoencoder/"

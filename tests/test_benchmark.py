@@ -289,3 +289,15 @@ def test_the_prompt_cache_stays_bounded_with_free_text_and_its_rates_are_measure
     )
     assert cache["free_text_vs_template"] < 1  # an encoder pass costs more than a lookup
     assert "prompt embeddings: free-text reports seen once" in markdown
+
+
+def test_the_reference_times_the_training_unet_step_and_the_matmul_peak(tmp_path):
+    """`--reference` (the demo's first step): the configured UNet's forward + backward at the training batch, and
+    the matmul peak, written where the demo's report reads them."""
+    returned = script.main(["--quick", "--reference", "data.batch_size=4", f"output_dir={tmp_path}"])
+    written = json.loads((tmp_path / "reference.json").read_text())
+    assert written == json.loads(json.dumps(returned))
+    assert written["unet_step"].startswith("UNet forward + backward at batch 4, ")
+    assert 0 < written["unet_step_seconds"] < 60 and written["repeats"] == 3  # --quick: 3 repeats
+    assert written["matmul_peak_flops"] > 1e6 and written["environment"]["num_threads"] == 1
+    assert "median of 3" in (tmp_path / "reference.md").read_text()

@@ -73,3 +73,26 @@ def test_report_names_what_is_missing(tmp_path):
 
 def test_results_default_to_the_repositorys_docs():
     assert demo_report.RESULTS == REPO / "docs" / "results.md"
+
+
+def test_the_wall_time_is_also_given_in_the_machines_own_unit(tmp_path):
+    """With the reference the demo times first, the report says how many UNet steps the run took and what step time
+    would fit the budget: 780 s at 0.5 s a step is 1560 steps, which fit 20 min at <= 1200 / 1560 = 0.769 s."""
+    (tmp_path / "timings.tsv").write_text("machine reference\t20\nstage 2: latent diffusion\t760\n")
+    for part in ("attribution", "evaluation"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "metrics.md").write_text("# title\n\n| a |\n|---|\n")
+    results = tmp_path / "results.md"
+    assert "such steps" not in demo_report.main([str(tmp_path), "--results", str(results)])  # no reference: no line
+    (tmp_path / "reference").mkdir()
+    reference = {
+        "unet_step_seconds": 0.5,
+        "unet_step": "UNet forward + backward at batch 64, 30.0 GFLOP",
+        "matmul_peak_flops": 9.6e10,
+        "repeats": 5,
+        "environment": {"cpu": "AMD EPYC", "num_threads": 2},
+    }
+    (tmp_path / "reference" / "reference.json").write_text(json.dumps(reference))
+    text = demo_report.main([str(tmp_path), "--results", str(results)])
+    assert "**0.500 s** (median of 5; float32 matmul peak 96 GFLOP/s, AMD EPYC, 2 threads)" in text
+    assert "The run took **1560** such steps: it fits 20 min on a machine where that step takes ≤ 0.769 s." in text

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline
@@ -518,6 +519,39 @@ def run(cfg: DictConfig, settings: dict[str, CounterfactualSettings], quick: boo
     result["counterfactual_settings"] = {method: s.asdict() for method, s in settings.items()}
     result["quick"] = quick
     return result
+
+
+#: --reference: only the UNet's forward + backward at the training batch (no variants) and the matmul peak
+REFERENCE = ["unet_variants=[]"]
+
+
+def reference(cfg: DictConfig) -> dict:
+    """This machine's speed in the demo's own unit, measured in seconds: one forward + backward of the configured
+    UNet at the training batch (stage 2's step, the demo's largest cost), and the float32 matmul peak. The demo
+    states its wall time in these steps, so runs on machines of different speed compare (`make demo`'s report)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = device_of(cfg)
+    with quiet_lightning(), tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(cfg, device, random_vae(cfg, tmp), instantiate(cfg.data))
+        lines = {line.name: line for line in flop_lines(bench)}
+    step, matmul_line = lines["unet_forward_backward"], lines["matmul_peak"]
+    return {
+        "unet_step_seconds": float(np.median(step.seconds)),
+        "unet_step": step.what,
+        "matmul_peak_flops": float(matmul_line.rates.max()),
+        "repeats": len(step.seconds),
+        "environment": environment(device),
+    }
+
+
+def reference_markdown(result: dict) -> str:
+    env = result["environment"]
+    return (
+        f"{result['unet_step']}: **{result['unet_step_seconds']:.3f} s** (median of {result['repeats']}); "
+        f"float32 matmul peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s ({env['cpu']}, "
+        f"{env['num_threads']} threads)\n"
+    )
 
 
 def compile_cost(eager: Line, compiled: Line, calls_per_repeat: int = 1) -> dict:

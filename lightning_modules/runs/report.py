@@ -25,6 +25,10 @@ INDUCTION_COLUMNS = (
 )
 
 
+#: the demo's time budget on 2 cores (issue #14), in seconds
+BUDGET = 20 * 60
+
+
 def timings(root: Path) -> list[str]:
     rows = [line.split("\t") for line in (root / "timings.tsv").read_text().splitlines() if line.strip()]
     total = sum(float(seconds) for _, seconds in rows)
@@ -33,6 +37,25 @@ def timings(root: Path) -> list[str]:
         "|---|---:|",
         *(f"| {name} | {float(s):.0f} |" for name, s in rows),
         f"| **total** | **{total:.0f}** ({total / 60:.1f} min) |",
+        *machine_speed(root, total),
+    ]
+
+
+def machine_speed(root: Path, total: float) -> list[str]:
+    """The wall time in the machine's own unit (``reference/reference.json``, timed at the run's start): machines of
+    one kind differ by 2x, so minutes alone cannot say whether a change made the demo slower."""
+    path = root / "reference" / "reference.json"
+    if not path.is_file():
+        return []
+    ref = json.loads(path.read_text())
+    steps = total / ref["unet_step_seconds"]
+    return [
+        "",
+        f"This machine, timed as the run started (`python experiments/benchmark.py --reference`): "
+        f"{ref['unet_step']}, **{ref['unet_step_seconds']:.3f} s** (median of {ref['repeats']}; float32 matmul peak "
+        f"{ref['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, {ref['environment']['cpu']}, "
+        f"{ref['environment']['num_threads']} threads). The run took **{steps:.0f}** such steps: it fits "
+        f"{BUDGET // 60} min on a machine where that step takes ≤ {BUDGET / steps:.3f} s.",
     ]
 
 
