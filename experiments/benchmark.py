@@ -16,6 +16,7 @@ import sys
 
 from lightning_modules.runs import benchmark
 from lightning_modules.runs.cli import load_config, run, write_results
+from lightning_modules.runs.report import reference_text
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config("benchmark", [*preset, *(a for a in argv if a not in ("--quick", "--reference"))])
     if only_reference:
         result = benchmark.reference(cfg)
-        out = write_results(cfg.output_dir, "reference", result, benchmark.reference_markdown(result))
+        out = write_results(cfg.output_dir, "reference", result, reference_text(result) + "\n")
         print(f"wrote {out / 'reference.json'}")
         return result
     try:

@@ -545,15 +545,6 @@ def reference(cfg: DictConfig) -> dict:
     }
 
 
-def reference_markdown(result: dict) -> str:
-    env = result["environment"]
-    return (
-        f"{result['unet_step']}: **{result['unet_step_seconds']:.3f} s** (median of {result['repeats']}); "
-        f"float32 matmul peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s ({env['cpu']}, "
-        f"{env['num_threads']} threads)\n"
-    )
-
-
 def compile_cost(eager: Line, compiled: Line, calls_per_repeat: int = 1) -> dict:
     """Compilation's one-time seconds (the compiled line's first call minus the eager line's: both also fill the same
     caches) and the calls (training steps: a repeat makes ``calls_per_repeat``) that repay it (None if compiled calls

@@ -52,11 +52,18 @@ def machine_speed(root: Path, total: float) -> list[str]:
     return [
         "",
         f"This machine, timed as the run started (`python experiments/benchmark.py --reference`): "
-        f"{ref['unet_step']}, **{ref['unet_step_seconds']:.3f} s** (median of {ref['repeats']}; float32 matmul peak "
-        f"{ref['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, {ref['environment']['cpu']}, "
-        f"{ref['environment']['num_threads']} threads). The run took **{steps:.0f}** such steps: it fits "
+        f"{reference_text(ref)}. The run took **{steps:.0f}** such steps: it fits "
         f"{BUDGET // 60} min on a machine where that step takes ≤ {BUDGET / steps:.3f} s.",
     ]
+
+
+def reference_text(ref: dict) -> str:
+    """One line of what ``benchmark.reference`` measured (its reference.md, and the demo report's time section)."""
+    env = ref["environment"]
+    return (
+        f"{ref['unet_step']}, **{ref['unet_step_seconds']:.3f} s** (median of {ref['repeats']}; float32 matmul peak "
+        f"{ref['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, {env['cpu']}, {env['num_threads']} threads)"
+    )
 
 
 def real_recall(root: Path) -> dict[str, float | None]:
