@@ -86,7 +86,7 @@ def run_script(script: str, argv: list[str], capsys) -> tuple[int, str]:
 
 # case: (script, arguments ({name} = a path from `files`), what the one line says)
 CASES = [
-    ("train", ["trainer.max_steps=abc"], "trainer.max_steps must be an integer (default 1000), got 'abc'"),
+    ("train", ["trainer.max_steps=abc"], "trainer.max_steps must be an integer (default 2000), got 'abc'"),
     ("train", ["data.image_size=63"], "data.image_size=63 is not a multiple of 4"),
     ("train", ["trainer.max_steps=0"], "trainer.max_steps must be an integer >= 1"),
     ("train", ["model=large"], "unknown model 'large'; valid choices: cpu, gpu"),
