@@ -96,3 +96,58 @@ def test_the_wall_time_is_also_given_in_the_machines_own_unit(tmp_path):
     text = demo_report.main([str(tmp_path), "--results", str(results)])
     assert "**0.500 s** (median of 5; float32 matmul peak 96 GFLOP/s, AMD EPYC, 2 threads)" in text
     assert "The run took **1560** such steps: it fits 20 min on a machine where that step takes ≤ 0.769 s." in text
+
+
+def test_scorecard_reads_each_target_from_the_runs_files_and_says_which_are_met(tmp_path):
+    """The best method is ours with the highest AUPRC (a baseline scoring higher is not it); "every finding" targets
+    are their weakest finding; a target the run did not measure is left out; the held-out AUPRC goal is 0.80."""
+    (tmp_path / "timings.tsv").write_text("stage 2: latent diffusion\t600\ninduction\t300\n")
+    files = {
+        "autoencoder/round_trip.json": {"test/round_trip_ssim": 0.93, "test/round_trip_mae": 0.02},
+        "attribution/metrics.json": {
+            "methods": {
+                "sdedit": {"auprc": 0.70, "validity": 0.99, "twin_distance": 0.04},
+                "refined": {"auprc": 0.82, "validity": 0.92, "twin_distance": 0.004},
+                "diffedit": {"auprc": 0.95},
+            },
+            "per_finding": {"refined": {"nodule": {"auprc": 0.71}, "effusion": {"auprc": 0.9}}},
+        },
+        **{
+            f"induction/{finding}/metrics.json": {
+                "prompt": finding,
+                "per_sample": [{}],
+                "classifier_recognised_fraction": recognised,
+                "edit_inside_fraction": None,
+            }
+            for finding, recognised in (("nodule", 0.5), ("effusion", 0.9))
+        },
+        "evaluation/metrics.json": {
+            "prompt_fidelity": {
+                "nodule": {"generated": {"auroc": 0.95}},
+                "effusion": {"generated": {"auroc": 0.91}},
+                "Normal": {"generated": {"called": 0.15}},
+            }
+        },
+    }
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(content))
+    for part in ("attribution", "evaluation"):
+        (tmp_path / part / "metrics.md").write_text("# title\n\n| a |\n|---|\n")
+
+    text = demo_report.main([str(tmp_path), "--results", str(tmp_path / "results.md")])
+    card = text.split("## Targets (issue #14)")[1].split("## Time per step")[0]
+    assert "| stage 1 round trip SSIM | ≥ 0.92 | 0.930 | yes |" in card
+    assert "| stage 1 round trip MAE | ≤ 0.015 | 0.0200 | **no** |" in card
+    assert "| attribution AUPRC of our best method | ≥ 0.85 | 0.820 (refined) | **no** |" in card
+    assert "| ≥ 0.75 | 0.710 (refined; weakest nodule; effusion 0.90, nodule 0.71) | **no** |" in card
+    assert "| the best method's distance to the true healthy twin | ≤ 0.02 | 0.004 (refined) | yes |" in card
+    assert "| ≥ 0.8 | 0.500 (weakest nodule; effusion 0.90, nodule 0.50) | **no** |" in card
+    assert "change inside the region" not in card  # no induction run measured it
+    assert "| normal-prompted samples called abnormal | ≤ 0.15 | 0.150 | yes |" in card
+    assert "| prompt fidelity AUROC, every finding | ≥ 0.9 | 0.910 (weakest effusion;" in card
+    assert "| wall time, minutes | ≤ 20 | 15.0 (this machine) | yes |" in card
+    assert "5 of 10 met" in card
+
+    heldout = demo_report.main([str(tmp_path), "--results", str(tmp_path / "r.md"), "--target", "demo-heldout"])
+    assert "| attribution AUPRC of our best method | ≥ 0.8 | 0.820 (refined) | yes |" in heldout

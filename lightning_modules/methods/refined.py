@@ -52,6 +52,7 @@ class Refined(Method):
     name = "refined"
     config_key = "refined"
     counterfactual = True
+    ours = True
 
     def __init__(self, first: Method, mask: EditMask, second: InductionSettings, target_prompt: str | None = None):
         self.first, self.mask, self.second, self.target_prompt = first, mask, second, target_prompt

@@ -20,6 +20,7 @@ class SDEdit(Method):
     name = "sdedit"
     config_key = "sdedit"
     counterfactual = True
+    ours = True
 
     def __init__(self, settings: CounterfactualSettings, target_prompt: str | None = None):
         """``target_prompt``: the healthy prompt; None = the one stored with the checkpoint."""
