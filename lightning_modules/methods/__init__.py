@@ -57,7 +57,8 @@ class Method(ABC):
     config_key: ClassVar[str]
     #: True: it yields a counterfactual image; False: a map only
     counterfactual: ClassVar[bool] = False
-    #: one of ours (a counterfactual of the diffusion model), not a baseline: the demo's targets score the best of these
+    #: a method VALD proposes, not a baseline (reconstruction and diffedit also run the diffusion model): the demo
+    #: report's targets score the best of these
     ours: ClassVar[bool] = False
     #: dropped from the run (with a note) when there is no classifier checkpoint
     needs_classifier: ClassVar[bool] = False

@@ -41,10 +41,9 @@ def timings(root: Path) -> list[str]:
 def machine_speed(root: Path, total: float) -> list[str]:
     """The wall time in the machine's own unit (``reference/reference.json``, timed at the run's start): machines of
     one kind differ by 2x, so minutes alone cannot say whether a change made the demo slower."""
-    path = root / "reference" / "reference.json"
-    if not path.is_file():
+    ref = Run(root).read_json("reference/reference.json")
+    if not ref:
         return []
-    ref = json.loads(path.read_text())
     steps = total / ref["unet_step_seconds"]
     return [
         "",
@@ -67,9 +66,8 @@ def real_recall(root: Path) -> dict[str, float | None]:
     """Per finding, the share of real test images with it that the classifier recognises (evaluation's prompt
     fidelity): the reference for induction's "recognised", since an induced finding as conspicuous as a real one
     would reach just that."""
-    path = root / "evaluation" / "metrics.json"
-    fidelity = json.loads(path.read_text()).get("prompt_fidelity") if path.is_file() else None
-    return {name: row["real"].get("called") for name, row in (fidelity or {}).items() if "real" in row}
+    fidelity = Run(root).read_json("evaluation/metrics.json").get("prompt_fidelity") or {}
+    return {name: row["real"].get("called") for name, row in fidelity.items() if "real" in row}
 
 
 def induction(root: Path) -> list[str]:
