@@ -78,7 +78,7 @@ evaluate: $(STAMP)
 demo: $(STAMP)
 	bash experiments/demo.sh
 
-# the same demo, defaults unchanged, on phantoms of another kind (datamodules/phantoms_heldout.py), about 23 min:
+# the same demo, defaults unchanged, on phantoms of another kind (datamodules/phantoms_heldout.py), about as long as make demo:
 # logs/heldout/, outputs/heldout/report.md = docs/heldout.md. How far the defaults carry beyond what chose them.
 demo-heldout: $(STAMP)
 	bash experiments/demo_heldout.sh
