@@ -3,7 +3,6 @@ under the command behind it. Every number traces back to a file a re-run rewrite
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lightning_modules.classifier import CALLED
@@ -71,7 +70,7 @@ def real_recall(root: Path) -> dict[str, float | None]:
 
 
 def induction(root: Path) -> list[str]:
-    runs = sorted((root / "induction").glob("*/metrics.json"))
+    runs = Run(root).inductions()
     if not runs:
         return ["(no induction run)"]
     recall = real_recall(root)
@@ -81,8 +80,7 @@ def induction(root: Path) -> list[str]:
         + " | real images: recognised |",
         "|---|---|---:|" + "---:|" * (len(INDUCTION_COLUMNS) + 1),
     ]
-    for path in runs:
-        m, finding = json.loads(path.read_text()), path.parent.name
+    for finding, m in runs.items():
         values = [m.get(key) for key, _ in INDUCTION_COLUMNS] + [recall.get(finding)]
         cells = ["-" if value is None else f"{value:.3f}" for value in values]
         lines.append(f"| {finding} | {m['prompt']} | {len(m['per_sample'])} | " + " | ".join(cells) + " |")

@@ -71,17 +71,25 @@ class Run:
         groups = self.read_json("attribution/metrics.json").get("per_finding", {}).get(method, {}) if method else {}
         return weakest({finding: g.get("auprc") for finding, g in groups.items()}, f"{method}; ")
 
-    def induction(self, key: str) -> Measured:
+    def inductions(self) -> dict[str, dict]:
+        """Each finding's ``induction/<finding>/metrics.json``, by finding name in order."""
         runs = sorted((self.root / "induction").glob("*/metrics.json"))
-        return weakest({path.parent.name: self.read_json(path.relative_to(self.root)).get(key) for path in runs})
+        return {path.parent.name: json.loads(path.read_text()) for path in runs}
 
-    def fidelity(self, row: str | None, key: str) -> Measured:
-        """evaluate's prompt fidelity of the generated images: ``row`` Normal, or None for the weakest finding."""
+    def induction(self, key: str) -> Measured:
+        return weakest({finding: m.get(key) for finding, m in self.inductions().items()})
+
+    def fidelity(self) -> dict[str, dict]:
+        """evaluate's prompt fidelity of the generated images, by row (each finding, and NORMAL)."""
         rows = self.read_json("evaluation/metrics.json").get("prompt_fidelity") or {}
-        if row is not None:  # NORMAL
-            value = rows.get(row, {}).get("generated", {}).get(key)
-            return None if value is None else (value, "")
-        return weakest({name: r.get("generated", {}).get(key) for name, r in rows.items() if name != NORMAL})
+        return {name: row.get("generated", {}) for name, row in rows.items()}
+
+    def normal_called_abnormal(self) -> Measured:
+        value = self.fidelity().get(NORMAL, {}).get("called")
+        return None if value is None else (value, "")
+
+    def weakest_fidelity_auroc(self) -> Measured:
+        return weakest({name: row.get("auroc") for name, row in self.fidelity().items() if name != NORMAL})
 
 
 def weakest(scores: dict[str, float | None], prefix: str = "") -> Measured:
@@ -135,8 +143,8 @@ def targets(make_target: str) -> list[Target]:
             0.90,
             lambda r: r.induction("edit_inside_fraction"),
         ),
-        Target("normal-prompted samples called abnormal", "≤", 0.15, lambda r: r.fidelity(NORMAL, "called")),
-        Target("prompt fidelity AUROC, every finding", "≥", 0.90, lambda r: r.fidelity(None, "auroc")),
+        Target("normal-prompted samples called abnormal", "≤", 0.15, Run.normal_called_abnormal),
+        Target("prompt fidelity AUROC, every finding", "≥", 0.90, Run.weakest_fidelity_auroc),
         Target("wall time, minutes", "≤", BUDGET / 60, Run.minutes, digits=1),
     ]
 
