@@ -14,7 +14,16 @@ from lightning_modules.methods.diffedit import DiffEditSettings, diffedit_latent
 from lightning_modules.methods.mean_healthy import mean_healthy_image
 from lightning_modules.methods.reconstruction import reconstruct
 from lightning_modules.methods.refined import EditMask
-from lightning_modules.overlays import blend_heat, save_array, save_gray_png, save_overlay
+from lightning_modules.overlays import (
+    blend_heat,
+    diverging,
+    grey,
+    save_array,
+    save_gray_png,
+    save_overlay,
+    save_panel,
+    tint,
+)
 from lightning_modules.prompt_encoder import NULL_PROMPT
 from lightning_modules.settings import InversionSettings, SamplingSettings, SDEditSettings
 
@@ -311,6 +320,23 @@ def test_overlay_panel_array_and_png_files(tmp_path):
     np.testing.assert_array_equal(np.load(save_array(tmp_path / "m.npy", heat)), heat)
     grey = np.asarray(Image.open(save_gray_png(tmp_path / "g.png", image)))
     assert grey.dtype == np.uint8 and grey[0, 0] == 0 and grey[-1, -1] == 255
+
+
+def test_induction_style_panel_stacks_one_strip_per_row_on_a_signed_scale(tmp_path):
+    image = np.full((64, 64), 0.5, np.float32)
+    signed = np.zeros_like(image)
+    signed[:8], signed[-8:] = 0.2, -0.2
+    rgb = diverging(signed, vmax=0.2)
+    assert rgb[0, 0, 0] > rgb[0, 0, 2] and rgb[-1, -1, 2] > rgb[-1, -1, 0]  # positive red, negative blue
+    np.testing.assert_allclose(rgb[32, 32], rgb[33, 33])  # zero is the map's middle colour
+    region = np.zeros_like(image)
+    region[10:20, 10:20] = 1.0
+    tinted = tint(image, region)
+    assert tinted[15, 15, 0] > tinted[15, 15, 1] and np.allclose(tinted[0, 0], 0.5)  # red only inside the region
+    tiles = [("original", grey(image)), ("region", tinted), ("difference", rgb)]
+    one = Image.open(save_panel(tmp_path / "one.png", [("seed 0", tiles)], 0.2, "grey levels", "RdBu_r", vmin=-0.2))
+    two = Image.open(save_panel(tmp_path / "two.png", [("seed 0", tiles), ("seed 1", tiles)], 0.2, "x", "RdBu_r"))
+    assert two.size == (one.width, 2 * one.height) and one.height > 256
 
 
 # ---- refined: a second pass inside the first pass's edit mask ---------------------------------------------------

@@ -13,12 +13,11 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import torch
-from matplotlib import colormaps
 from PIL import Image, ImageFont
 
 from datamodules.base import to_unit_range
 from lightning_modules.app.service import METHODS, Example, Explorer
-from lightning_modules.overlays import TILE, blend_heat, colour_bar, save_array, save_gray_png
+from lightning_modules.overlays import TILE, blend_heat, colour_bar, diverging, grey, save_array, save_gray_png, tint
 from lightning_modules.regions import ZONES, box_mask
 
 MAP_LABEL = "denser than healthy (grey)"
@@ -27,7 +26,7 @@ MAP_LABEL = "denser than healthy (grey)"
 # 1. pictures ----------------------------------------------------------------------------------------------------------
 def enlarge(image01: np.ndarray) -> Image.Image:
     """(H, W) grey or (H, W, 3) in [0, 1] -> an RGB picture at least ``TILE`` px (nearest: pixels stay pixels)."""
-    rgb = image01 if image01.ndim == 3 else np.repeat(image01[..., None], 3, -1)
+    rgb = image01 if image01.ndim == 3 else grey(image01)
     side = max(TILE, image01.shape[0])
     return Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)).resize((side, side), Image.NEAREST)
 
@@ -46,15 +45,12 @@ def overlay_with_bar(image01: np.ndarray, heat: np.ndarray, vmax: float | None, 
 
 def signed_picture(difference: np.ndarray) -> Image.Image:
     """induced - original in a diverging colour map, symmetric about 0."""
-    top = float(np.abs(difference).max()) or 1.0
-    return enlarge(colormaps["RdBu_r"](0.5 + difference / (2 * top))[..., :3])
+    return enlarge(diverging(difference, float(np.abs(difference).max()) or 1.0))
 
 
 def tinted(image01: np.ndarray, region: np.ndarray) -> Image.Image:
     """The image with ``region`` (H, W) bool tinted red."""
-    rgb = np.repeat(image01[..., None], 3, -1)
-    rgb[region] = 0.6 * rgb[region] + 0.4 * np.array([1.0, 0.0, 0.0])
-    return enlarge(rgb)
+    return enlarge(tint(image01, region.astype(image01.dtype), alpha=0.4))
 
 
 def probability(value: float | None) -> str:

@@ -17,9 +17,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -27,7 +24,7 @@ from configs import instantiate
 from datamodules.base import CXRDataModule, to_unit_range
 from datamodules.folder import ImageFolder
 from lightning_modules.classifier import CALLED, FindingClassifier
-from lightning_modules.overlays import save_array, save_gray_png
+from lightning_modules.overlays import diverging, grey, save_array, save_gray_png, save_panel, tint
 from lightning_modules.pipeline import LatentDiffusionPipeline
 from lightning_modules.regions import RegionError, RegionSpec, inside_fraction, ssim_outside
 from lightning_modules.runs.cli import checkpoint_sampling, log
@@ -267,29 +264,6 @@ def merge(parts: Iterator[dict]) -> list[dict]:
 
 
 # 3. outputs ---------------------------------------------------------------------------------------------------------
-def save_panel(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], vmax: float) -> None:
-    """original | region | induced | difference, one row per (title, ...); grey in [0, 1], the difference signed."""
-    figure = Figure(figsize=(8.8, 2.2 * len(rows)), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(len(rows), 4, squeeze=False)
-    for row, (title, original, region, induced, difference) in zip(axes, rows, strict=True):
-        for ax, picture, name in zip(
-            row, (original, original, induced), (f"original, {title}", "region", "induced"), strict=False
-        ):
-            ax.imshow(picture, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_title(name, fontsize=8)
-        tint = np.zeros((*region.shape, 4))
-        tint[..., 0], tint[..., 3] = 1.0, 0.35 * region  # red, see-through
-        row[1].imshow(tint, interpolation="nearest")
-        shown = row[3].imshow(difference, cmap=colormaps["RdBu_r"], vmin=-vmax, vmax=vmax, interpolation="nearest")
-        row[3].set_title("induced - original", fontsize=8)
-        figure.colorbar(shown, ax=row[3], fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
-        for ax in row:
-            ax.set_axis_off()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", metadata={"Software": None})
-
-
 def write_panels(out: Path, inputs: Inputs, records: list[dict]) -> None:
     """``panels/<id>.png``, one row per seed, from the written differences; one colour scale for every panel."""
     originals = to_unit_range(inputs.images[:, 0]).numpy()  # (N, H, W) in [0, 1]
@@ -299,10 +273,17 @@ def write_panels(out: Path, inputs: Inputs, records: list[dict]) -> None:
     for record, difference in zip(records, differences, strict=True):
         index = record["index"]
         region = inputs.regions[index, 0].float().numpy()
-        row = (f"seed {record['seed']}", originals[index], region, originals[index] + difference, difference)
-        panels.setdefault(index, []).append(row)
+        original, induced = originals[index], originals[index] + difference
+        tiles = [
+            ("original", grey(original)),
+            ("region", tint(original, region)),
+            ("induced", grey(induced)),
+            ("induced - original", diverging(difference, vmax)),
+        ]
+        panels.setdefault(index, []).append((f"{inputs.ids[index]}, seed {record['seed']}", tiles))
     for index, rows in panels.items():
-        save_panel(out / "panels" / f"{inputs.ids[index]}.png", rows, vmax)
+        path = out / "panels" / f"{inputs.ids[index]}.png"
+        save_panel(path, rows, vmax, "induced - original (grey levels)", "RdBu_r", vmin=-vmax)
 
 
 def summarize(records: list[dict]) -> dict[str, float | None]:
