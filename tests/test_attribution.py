@@ -25,6 +25,7 @@ from lightning_modules.overlays import (
     tint,
 )
 from lightning_modules.prompt_encoder import NULL_PROMPT
+from lightning_modules.runs.attribution import attribute
 from lightning_modules.settings import InversionSettings, SamplingSettings, SDEditSettings
 
 ABNORMAL = ["small nodule in the left lower zone", "right pleural effusion"]
@@ -344,9 +345,30 @@ def test_edit_mask_keeps_the_maps_high_part_grown_by_dilate():
     images = torch.zeros(1, 1, 16, 16)
     first = images.clone()
     first[0, 0, 8, 8], first[0, 0, 2, 2] = -1.0, -0.2  # the input is denser than its counterfactual at two pixels
-    mask = EditMask(kind="positive", sigma=0.0, fraction=0.5, dilate=1)(images, first)
+    edit = EditMask(kind="positive", sigma=0.0, fraction=0.5, dilate=1)
+    scores = edit.scores(images, first)
+    assert scores.max() == 1 and scores[0, 0, 2, 2] == pytest.approx(0.2)  # scaled to [0, 1] per image
+    mask = edit(scores)
     assert mask[0, 0, 7:10, 7:10].eq(1).all() and mask.sum() == 9  # the strong pixel and its 3x3 neighbourhood only
-    assert EditMask(sigma=0.0, fraction=0.1, dilate=0)(images, first).sum() == 2
+    assert EditMask(sigma=0.0, fraction=0.1, dilate=0)(scores).sum() == 2
+
+
+def test_a_counterfactual_methods_weight_multiplies_its_map():
+    class LeftHalf(Method):  # a counterfactual method that weighs its map: only the left half counts
+        name = config_key = "left_half"
+        counterfactual = True
+
+        @classmethod
+        def from_config(cls, cfg, defaults, **overrides):
+            return cls()
+
+        def __call__(self, images, models, generator, prompts=None):
+            weight = torch.zeros_like(images)
+            weight[..., :2] = 0.5
+            return MethodOutput(counterfactual=torch.full_like(images, -1.0), weight=weight)
+
+    output = attribute(LeftHalf(), torch.ones(1, 1, 4, 4), None, seed=0, kind="positive", sigma=0.0)
+    assert output.map[..., :2].eq(0.5).all() and output.map[..., 2:].eq(0).all()  # x - x_cf is 1 everywhere
 
 
 @pytest.mark.parametrize(
@@ -357,6 +379,7 @@ def test_edit_mask_keeps_the_maps_high_part_grown_by_dilate():
         ("refined.dilate=-1", "refined: dilate must be an integer"),
         ("refined.kind=blurry", "refined: unknown map kind"),
         ("refined.strength=0", "refined: strength must be in"),
+        ("refined.weigh_by_first=maybe", "refined.weigh_by_first must be true or false"),
     ],
 )
 def test_refined_settings_fail_when_built(override, message):
@@ -365,20 +388,27 @@ def test_refined_settings_fail_when_built(override, message):
 
 
 def test_refined_changes_only_inside_the_first_passs_mask(tiny_pipeline, images):
-    cfg = attribution_config(
+    cfg_overrides = (
         "refined.first=sdedit",
         "sdedit.strength=0.5",
         "refined.fraction=0.6",
         "refined.feather=0",
         "target_prompt=clear lungs",
     )
-    method = build("refined", cfg, CHECKPOINT_DEFAULTS)
+    method = build("refined", attribution_config(*cfg_overrides), CHECKPOINT_DEFAULTS)
     output = method(images, Models(tiny_pipeline), seeded(0))
     first = tiny_pipeline(images, method.first.settings, "clear lungs", seeded(0)).images
-    mask = method.mask(images, first)
+    scores = method.mask.scores(images, first)
+    mask = method.mask(scores)
     assert 0 < mask.mean() < 1
     outside = mask == 0
     torch.testing.assert_close(output.counterfactual[outside], images[outside])  # the input's own pixels
     assert not torch.allclose(output.counterfactual[~outside], images[~outside])
+    torch.testing.assert_close(output.weight, scores)  # the map's weight: the first map, which made the mask
     again = method(images, Models(tiny_pipeline), seeded(0))
     torch.testing.assert_close(again.counterfactual, output.counterfactual)
+    plain_cfg = attribution_config(*cfg_overrides, "refined.weigh_by_first=false")
+    unweighted = build("refined", plain_cfg, CHECKPOINT_DEFAULTS)
+    plain = unweighted(images, Models(tiny_pipeline), seeded(0))
+    assert plain.weight is None
+    torch.testing.assert_close(plain.counterfactual, output.counterfactual)  # the weight changes the map only

@@ -46,6 +46,7 @@ class MethodOutput:
     counterfactual: torch.Tensor | None = None  # (B, 1, H, W) in [-1, 1]: methods with ``counterfactual = True``
     map: torch.Tensor | None = None  # (B, 1, H, W) non-negative scores: the other methods
     latent_error: torch.Tensor | None = None  # (B,) the reconstruction baseline's ||z_rec - z_0|| / ||z_0||
+    weight: torch.Tensor | None = None  # (B, 1, H, W) in [0, 1]: a counterfactual's map is multiplied by it (refined)
 
 
 class Method(ABC):

@@ -212,6 +212,7 @@ class Attribution:
     counterfactual01: torch.Tensor | None  # (B, 1, H, W) in [0, 1]
     map: torch.Tensor  # (B, 1, H, W) non-negative: grey-level units for counterfactual methods
     latent_error: torch.Tensor | None = None  # (B,) the reconstruction baseline's round trip
+    weighted: bool = False  # the map is the difference times the method's weight (refined: its first map)
 
 
 def attribute(
@@ -223,15 +224,17 @@ def attribute(
     sigma: float,
     prompts: list[str] | None = None,
 ) -> Attribution:
-    """``images`` (B, 1, H, W) in [-1, 1]. A counterfactual method's map is ``kind`` of x - x_cf, any other's its own
-    scores; both smoothed by ``sigma``. Every method gets its own generator from ``seed``, so adding or dropping a
-    method never changes another's output."""
+    """``images`` (B, 1, H, W) in [-1, 1]. A counterfactual method's map is ``kind`` of x - x_cf (times the method's
+    ``weight``, if it gives one), any other's its own scores; both smoothed by ``sigma``. Every method gets its own
+    generator from ``seed``, so adding or dropping a method never changes another's output."""
     output = method(images, models, torch.Generator("cpu").manual_seed(seed), prompts)
     if not method.counterfactual:
         return Attribution(None, attribution_map(output.map.cpu(), "absolute", sigma), output.latent_error)
     counterfactual01 = to_unit_range(output.counterfactual.cpu())
-    signed = signed_map(to_unit_range(images.cpu()), counterfactual01)
-    return Attribution(counterfactual01, attribution_map(signed, kind, sigma), output.latent_error)
+    maps = attribution_map(signed_map(to_unit_range(images.cpu()), counterfactual01), kind, sigma)
+    if output.weight is not None:
+        maps = maps * output.weight.cpu()
+    return Attribution(counterfactual01, maps, output.latent_error, weighted=output.weight is not None)
 
 
 def abnormal_probability(models: Models, images: torch.Tensor) -> torch.Tensor | None:
@@ -420,6 +423,7 @@ def write_outputs(
             label = (
                 (
                     {"positive": "denser than counterfactual", "absolute": "|input - counterfactual|"}[cfg.map.kind]
+                    + (" x first map" if output.weighted else "")
                     + " (grey fraction)"
                 )
                 if difference_map
