@@ -127,7 +127,8 @@ def save_panel(
     """A PNG of strips, one per (title, tiles) row: the title, then the named (H, W, 3) RGB tiles in [0, 1] side by
     side (enlarged to at least ``TILE`` px), then a colour bar from ``vmin`` to ``vmax`` labelled ``label``."""
     font = ImageFont.load_default(size=12)
-    side = max(TILE, rows[0][1][0][1].shape[0])
+    first_tile = rows[0][1][0][1]  # (H, W, 3): every tile of a panel has one size
+    side = max(TILE, first_tile.shape[0])
     bar = colour_bar(side, vmax, label, cmap, font, vmin)
     strips = [_strip(title, tiles, side, bar, font) for title, tiles in rows]
     panel = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), "white")
