@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -42,6 +43,7 @@ from lightning_modules.settings import (
 from lightning_modules.vae import decode, encode
 
 DEFAULT_NORMAL_PROMPT = "no acute cardiopulmonary abnormality"
+BACKGROUND_LR = 0.05  # Adam step on the scaled latents (unit variance) for background reconstruction
 
 
 @dataclass
@@ -54,7 +56,8 @@ class CounterfactualOutput:
 @dataclass
 class InductionOutput:
     images: torch.Tensor  # (B, 1, H, W) normal images with the finding induced, in [-1, 1]
-    latents: torch.Tensor  # (B, C, h, w) their latents: the original's outside the region
+    latents: torch.Tensor  # (B, C, h, w) their latents: the original's outside the region (grown by
+    #   background_grow cells when background_steps > 0)
     difference: torch.Tensor  # (B, 1, H, W) signed map x_induced - x_normal
     decoded: torch.Tensor  # (B, 1, H, W) the blended latents decoded, before any paste
     round_trip: torch.Tensor  # (B, 1, H, W) the original latent decoded: decoded - round_trip is the edit alone
@@ -372,9 +375,39 @@ class LatentDiffusionPipeline:
                 )
                 latents = mask * latents + (1 - mask) * known
 
+        if settings.background_steps:
+            latents = self.reconstruct_background(latents, original, masks, mask, settings)
         decoded = self.decode(latents)
         induced = masks * decoded + (1 - masks) * images if paste else decoded
         return InductionOutput(induced, latents, signed_map(induced, images), decoded, self.decode(original))
+
+    def reconstruct_background(
+        self,
+        latents: torch.Tensor,
+        original: torch.Tensor,
+        masks: torch.Tensor,
+        mask: torch.Tensor,
+        settings: InductionSettings,
+    ) -> torch.Tensor:
+        """Blended Latent Diffusion's background reconstruction (Avrahami et al. 2023), fitted on latents instead of
+        the decoder's weights. The decoder spreads a changed latent cell over its neighbours, so half of a blended
+        edit's decoded change lands outside the region (``edit_inside_fraction``). Here the latent cells of the
+        region, grown by ``background_grow`` cells (``mask``: (B, 1, h, w)), take ``background_steps`` Adam steps on
+        the L1 distance between their decoding and the goal: the blended result's decoding inside the pixel region
+        (``masks``: (B, 1, H, W)), the original's round trip outside. Every other cell stays the original's."""
+        grow = settings.background_grow
+        free = F.max_pool2d(mask, 2 * grow + 1, stride=1, padding=grow)  # (B, 1, h, w): the region grown
+        goal = masks * self.decode(latents) + (1 - masks) * self.decode(original)  # (B, 1, H, W)
+        fitted = latents.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([fitted], lr=BACKGROUND_LR)
+        with torch.enable_grad():
+            for _ in range(settings.background_steps):
+                decoded = decode(self.vae, free * fitted + (1 - free) * latents)  # not self.decode: no_grad
+                loss = (decoded - goal).abs().sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return (free * fitted + (1 - free) * latents).detach()
 
     def renoise(
         self, latents: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, generator: torch.Generator | None

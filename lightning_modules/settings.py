@@ -101,12 +101,16 @@ class InversionSettings(SamplingSettings):
 class InductionSettings(SamplingSettings):
     """Zero-shot induction: the region starts from ``strength`` of the schedule (1: pure noise); ``feather`` (pixels)
     softens the region's edge; ``paste`` lays the decoded region over the original pixels; ``resample`` runs each
-    step that many times, re-noising in between (RePaint's U; 1: plain latent blending)."""
+    step that many times, re-noising in between (RePaint's U; 1: plain latent blending); ``background_steps`` > 0
+    then fits the latent cells of the region grown by ``background_grow`` cells so the decoded image keeps the
+    original outside (``LatentDiffusionPipeline.reconstruct_background``; 0: off)."""
 
     strength: float = 1.0
     feather: float = 0.0
     paste: bool = True
     resample: int = 1
+    background_steps: int = 0
+    background_grow: int = 2
     fraction_name: ClassVar[str] = "strength"
 
     def __post_init__(self) -> None:
@@ -117,6 +121,10 @@ class InductionSettings(SamplingSettings):
             raise ValueError(f"feather must be a number of pixels >= 0, got {self.feather!r}")
         if not isinstance(self.paste, bool):
             raise ValueError(f"paste must be true or false, got {self.paste!r}")
+        for name in ("background_steps", "background_grow"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 CounterfactualSettings = SDEditSettings | InversionSettings

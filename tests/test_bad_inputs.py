@@ -114,6 +114,7 @@ CASES = [
     ("induction", ["checkpoint={stage2}", "prompt="], "override 'prompt=' has no value"),
     ("induction", ["checkpoint={stage2}", "induction.guidance_scale=-1"], "guidance_scale must be a number >= 0"),
     ("induction", ["checkpoint={stage2}", "induction.resample=0"], "resample must be an integer >= 1"),
+    ("induction", ["checkpoint={stage2}", "induction.background_steps=-5"], "background_steps must be an integer"),
     ("induction", ["checkpoint={stage2}", "finding=tumour"], "unknown finding 'tumour'"),
     ("induction", ["checkpoint={stage2}", "box=40,40,80,60"], "outside the 64x64 image"),
     ("induction", ["checkpoint={stage2}", "seeds=abc"], "seeds must be a list"),

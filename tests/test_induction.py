@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 
@@ -121,6 +122,22 @@ def test_resampling_redraws_the_region_only_and_one_pass_is_plain_blending(pipel
     inside = latent_mask(regions, plain.latents.shape[-2:]).bool().expand_as(plain.latents)
     assert torch.equal(twice.latents[~inside], plain.latents[~inside])
     assert (twice.latents[inside] - plain.latents[inside]).abs().mean() > 0.05
+
+
+def test_background_reconstruction_brings_the_edit_inside_and_leaves_far_cells_alone(pipeline, images, regions):
+    """Blended Latent Diffusion's background reconstruction: fitting the region's latent cells (grown by one) moves
+    the decoded edit into the region; cells beyond the grown region stay the blend's (the original's)."""
+    base = dict(strength=1.0, guidance_scale=3.0, num_inference_steps=2, paste=False)
+    plain = pipeline.induce(images, regions, PROMPT, InductionSettings(**base), seeded(5))
+    fitted = pipeline.induce(
+        images, regions, PROMPT, InductionSettings(**base, background_steps=30, background_grow=1), seeded(5)
+    )
+    grown = F.max_pool2d(latent_mask(regions, plain.latents.shape[-2:]), 3, stride=1, padding=1)
+    outside = ~grown.bool().expand_as(plain.latents)
+    assert torch.equal(fitted.latents[outside], plain.latents[outside])
+    torch.testing.assert_close(fitted.round_trip, plain.round_trip)
+    share = [inside_fraction(out.decoded - out.round_trip, regions.bool()) for out in (plain, fitted)]
+    assert (share[1] > share[0] + 0.05).all(), share
 
 
 def test_renoise_is_the_forward_process_between_two_timesteps(pipeline):
@@ -323,6 +340,8 @@ def test_script_writes_images_panels_and_metrics(tiny_model, pipeline, tmp_path)
         "feather": 1.0,
         "paste": True,
         "resample": 1,
+        "background_steps": 0,
+        "background_grow": 2,
     }
     ids = list(dict.fromkeys(r["id"] for r in saved["per_sample"]))
     assert len(ids) == 2

@@ -83,6 +83,9 @@ def test_numbers_are_normalised_to_floats_and_settings_are_frozen():
         (InductionSettings, dict(resample=2.5), "resample must be an integer >= 1"),
         (InductionSettings, dict(paste="yes"), "paste must be true or false"),
         (InductionSettings, dict(paste=1), "paste must be true or false"),
+        (InductionSettings, dict(background_steps=-1), "background_steps must be an integer >= 0"),
+        (InductionSettings, dict(background_grow=1.5), "background_grow must be an integer >= 0"),
+        (InductionSettings, dict(background_steps=True), "background_steps must be an integer >= 0"),
     ],
 )
 def test_invalid_values_are_refused_with_what_is_valid(cls, values, message):
