@@ -132,9 +132,12 @@ def test_background_reconstruction_brings_the_edit_inside_and_leaves_far_cells_a
     fitted = pipeline.induce(
         images, regions, PROMPT, InductionSettings(**base, background_steps=30, background_grow=1), seeded(5)
     )
-    grown = F.max_pool2d(latent_mask(regions, plain.latents.shape[-2:]), 3, stride=1, padding=1)
+    region = latent_mask(regions, plain.latents.shape[-2:])
+    grown = F.max_pool2d(region, 3, stride=1, padding=1)
     outside = ~grown.bool().expand_as(plain.latents)
+    ring = (grown - region).bool().expand_as(plain.latents)  # background_grow's cells
     assert torch.equal(fitted.latents[outside], plain.latents[outside])
+    assert (fitted.latents[ring] - plain.latents[ring]).abs().max() > 0.01
     torch.testing.assert_close(fitted.round_trip, plain.round_trip)
     share = [inside_fraction(out.decoded - out.round_trip, regions.bool()) for out in (plain, fitted)]
     assert (share[1] > share[0] + 0.05).all(), share

@@ -48,8 +48,8 @@ class EditMask:
 @register
 class Refined(Method):
     """Block ``refined``: ``first`` (sdedit or inversion, with its own block's settings), the ``EditMask`` keys
-    (kind, sigma, fraction, dilate), ``weigh_by_first`` and the second pass's ``InductionSettings`` (strength,
-    feather, num_inference_steps, guidance_scale; null steps and guidance are the checkpoint's).
+    (kind, sigma, fraction, dilate), ``weigh_by_first`` and any key of the second pass's ``InductionSettings``
+    (strength, feather, num_inference_steps, guidance_scale, ...; null steps and guidance are the checkpoint's).
 
     ``weigh_by_first``: the map is the second pass's change times the first map's scores, so a pixel ranks high only
     where both passes put the finding; inside the mask, its dilated rim (which the second pass may also redraw)
