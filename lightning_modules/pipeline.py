@@ -375,16 +375,17 @@ class LatentDiffusionPipeline:
                 )
                 latents = mask * latents + (1 - mask) * known
 
+        round_trip = self.decode(original)
         if settings.background_steps:
-            latents = self.reconstruct_background(latents, original, masks, mask, settings)
+            latents = self.reconstruct_background(latents, round_trip, masks, mask, settings)
         decoded = self.decode(latents)
         induced = masks * decoded + (1 - masks) * images if paste else decoded
-        return InductionOutput(induced, latents, signed_map(induced, images), decoded, self.decode(original))
+        return InductionOutput(induced, latents, signed_map(induced, images), decoded, round_trip)
 
     def reconstruct_background(
         self,
         latents: torch.Tensor,
-        original: torch.Tensor,
+        round_trip: torch.Tensor,
         masks: torch.Tensor,
         mask: torch.Tensor,
         settings: InductionSettings,
@@ -394,10 +395,10 @@ class LatentDiffusionPipeline:
         edit's decoded change lands outside the region (``edit_inside_fraction``). Here the latent cells of the
         region, grown by ``background_grow`` cells (``mask``: (B, 1, h, w)), take ``background_steps`` Adam steps on
         the L1 distance between their decoding and the goal: the blended result's decoding inside the pixel region
-        (``masks``: (B, 1, H, W)), the original's round trip outside. Every other cell stays the original's."""
+        (``masks``: (B, 1, H, W)), the original's ``round_trip`` outside. Every other cell stays the original's."""
         grow = settings.background_grow
         free = F.max_pool2d(mask, 2 * grow + 1, stride=1, padding=grow)  # (B, 1, h, w): the region grown
-        goal = masks * self.decode(latents) + (1 - masks) * self.decode(original)  # (B, 1, H, W)
+        goal = masks * self.decode(latents) + (1 - masks) * round_trip  # (B, 1, H, W)
         fitted = latents.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([fitted], lr=BACKGROUND_LR)
         with torch.enable_grad():

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 
+def check_integer(name: str, value: Any, minimum: int) -> None:
+    """One rule for every count a user sets: an int (not a bool, which is one in Python) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Text -> image: DDIM steps and the classifier-free guidance scale (0: unconditional, 1: conditional only)."""
@@ -26,12 +32,7 @@ class SamplingSettings:
     fraction_name: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.num_inference_steps, bool)
-            or not isinstance(self.num_inference_steps, int)
-            or self.num_inference_steps < 1
-        ):
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {self.num_inference_steps!r}")
+        check_integer("num_inference_steps", self.num_inference_steps, 1)
         if (
             isinstance(self.guidance_scale, bool)
             or not isinstance(self.guidance_scale, (int, float))
@@ -115,16 +116,13 @@ class InductionSettings(SamplingSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.resample, bool) or not isinstance(self.resample, int) or self.resample < 1:
-            raise ValueError(f"resample must be an integer >= 1, got {self.resample!r}")
+        check_integer("resample", self.resample, 1)
+        check_integer("background_steps", self.background_steps, 0)
+        check_integer("background_grow", self.background_grow, 0)
         if isinstance(self.feather, bool) or not isinstance(self.feather, (int, float)) or self.feather < 0:
             raise ValueError(f"feather must be a number of pixels >= 0, got {self.feather!r}")
         if not isinstance(self.paste, bool):
             raise ValueError(f"paste must be true or false, got {self.paste!r}")
-        for name in ("background_steps", "background_grow"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 CounterfactualSettings = SDEditSettings | InversionSettings

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from lightning_modules.methods import Method, MethodOutput, Models, register
 from lightning_modules.pipeline import LatentDiffusionPipeline
-from lightning_modules.settings import SamplingSettings
+from lightning_modules.settings import SamplingSettings, check_integer
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,7 @@ class DiffEditSettings(SamplingSettings):
         super().__post_init__()
         if self.guidance_scale == 0.0:
             raise ValueError("diffedit needs the prompts: guidance_scale 0 would replace both by the null prompt")
-        if isinstance(self.num_maps, bool) or not isinstance(self.num_maps, int) or self.num_maps < 1:
-            raise ValueError(f"num_maps must be an integer >= 1, got {self.num_maps!r}")
+        check_integer("num_maps", self.num_maps, 1)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from lightning_modules.methods import Method, MethodOutput, Models, register
-from lightning_modules.settings import SamplingSettings
+from lightning_modules.settings import SamplingSettings, check_integer
 
 
 def mean_healthy_image(dataset: Dataset, num_images: int = 512) -> torch.Tensor:
@@ -38,8 +38,7 @@ class MeanHealthy(Method):
     needs_train_split = True
 
     def __init__(self, num_images: int = 512):
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+        check_integer("num_images", num_images, 1)
         self.num_images = num_images
         self.image: torch.Tensor | None = None  # (1, 1, H, W) in [-1, 1], set by ``prepare``
 
